@@ -1,0 +1,13 @@
+"""thinkless kernels: group advantages and the DeGRPO loss, on Triton (CUDA), native C++ (CPU) or torch.
+
+Every public function checks its inputs, then dispatches on the device of its tensors: CUDA goes to Triton, CPU
+to the compiled extension when it is built and to the torch reference otherwise. `THINKLESS_BACKEND` or the
+`backend=` argument forces one. `reference` holds the readable PyTorch ground truth.
+"""
+
+from thinkless.kernels import reference
+from thinkless.kernels._backend import BACKENDS, select_backend
+from thinkless.kernels.advantages import group_advantages
+from thinkless.kernels.degrpo_loss import DeGRPOParams, degrpo_loss
+
+__all__ = ["BACKENDS", "DeGRPOParams", "degrpo_loss", "group_advantages", "reference", "select_backend"]

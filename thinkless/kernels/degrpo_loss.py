@@ -1,0 +1,431 @@
+"""The DeGRPO token loss on per-token log-probs: forward and backward kernels.
+
+The loss is a handful of masked means over [B, T] tokens, so both passes are memory-bound. The forward grid is
+(row, token block); each program reduces its block to seven partial sums, and torch adds those up (deterministic,
+no atomics). The masked means need the batch-wide token counts, which are known only after that reduction, so the
+backward recomputes the per-token terms from the inputs instead of storing them: one more read of four [B, T]
+tensors, against two writes and two reads had they been stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from thinkless.kernels import _checks, reference
+from thinkless.kernels._backend import select_backend
+from thinkless.kernels._config import DEGRPO_LOSS, FIRST_RESPONSE
+from thinkless.kernels._triton_utils import tl, triton
+
+KL_TYPES = ("k1", "k2", "k3")
+NUM_STATS = 7  # control loss sum, response loss sum, control count, response count, clipped, kl sum, ratio sum
+
+
+@triton.jit
+def _first_response_kernel(
+    mask_ptr,  # u8 [B, T]
+    first_ptr,  # int32 [B], out: index of the row's first response token, T if none
+    T,
+    stride_mask,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    first = T
+    for start in range(0, T, BLOCK):
+        t = start + offs
+        is_response = tl.load(mask_ptr + row * stride_mask + t, mask=t < T, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(is_response, t, T)))
+    tl.store(first_ptr + row, first)
+
+
+@triton.jit
+def _token_terms(
+    row,
+    t,
+    T,
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    resp_ptr,
+    ctrl_ptr,
+    first_ptr,
+    stride_logp,
+    stride_old,
+    stride_adv_b,
+    stride_adv_t,
+    stride_resp,
+    stride_ctrl,
+    clip_low,
+    clip_high,
+    HAS_CONTROL_MASK: tl.constexpr,
+):
+    """Masks and PPO terms of one block of tokens, shared by the forward and the backward."""
+    in_row = t < T
+    resp = tl.load(resp_ptr + row * stride_resp + t, mask=in_row, other=0) != 0
+    if HAS_CONTROL_MASK:
+        ctrl = resp & (tl.load(ctrl_ptr + row * stride_ctrl + t, mask=in_row, other=0) != 0)
+    else:
+        ctrl = resp & (t == tl.load(first_ptr + row))
+    logp = tl.load(logp_ptr + row * stride_logp + t, mask=in_row, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + row * stride_old + t, mask=in_row, other=0.0).to(tl.float32)
+    adv = tl.load(adv_ptr + row * stride_adv_b + t * stride_adv_t, mask=in_row, other=0.0).to(tl.float32)
+    ratio = tl.exp(logp - old)
+    unclipped = -adv * ratio
+    clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    return resp, ctrl, logp, adv, ratio, unclipped, clipped
+
+
+@triton.jit
+def _kl_terms(logp, ref, KL_TYPE: tl.constexpr):
+    """(k, dk/dlogp) for the estimators k1, k2, k3 of KL(policy || reference)."""
+    d = logp - ref
+    if KL_TYPE == 1:
+        return d, tl.full(d.shape, 1.0, tl.float32)
+    elif KL_TYPE == 2:
+        return 0.5 * d * d, d
+    else:
+        e = tl.exp(-d)
+        return e + d - 1.0, 1.0 - e
+
+
+@triton.jit
+def _degrpo_fwd_kernel(
+    # pointers
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    resp_ptr,
+    ref_ptr,
+    ctrl_ptr,
+    first_ptr,
+    stats_ptr,  # fp32 [B * n_blocks, NUM_STATS], out
+    # shapes
+    T,
+    n_blocks,
+    # row strides (tokens are contiguous)
+    stride_logp,
+    stride_old,
+    stride_adv_b,
+    stride_adv_t,
+    stride_resp,
+    stride_ref,
+    stride_ctrl,
+    # options
+    clip_low,
+    clip_high,
+    # meta-parameters
+    HAS_REF: tl.constexpr,
+    HAS_CONTROL_MASK: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+    NUM_STATS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1).to(tl.int64)
+    t = block * BLOCK + tl.arange(0, BLOCK)
+    resp, ctrl, logp, adv, ratio, unclipped, clipped = _token_terms(
+        row, t, T, logp_ptr, old_ptr, adv_ptr, resp_ptr, ctrl_ptr, first_ptr, stride_logp, stride_old,
+        stride_adv_b, stride_adv_t, stride_resp, stride_ctrl, clip_low, clip_high, HAS_CONTROL_MASK,
+    )  # fmt: skip
+    rest = resp & ~ctrl
+    token_loss = tl.maximum(unclipped, clipped)
+    # tl.where, not a multiply by the mask: padding may hold -inf log-probs, and 0 * inf is NaN.
+    kl_sum = 0.0
+    if HAS_REF:
+        ref = tl.load(ref_ptr + row * stride_ref + t, mask=t < T, other=0.0).to(tl.float32)
+        kl, _ = _kl_terms(logp, ref, KL_TYPE)
+        kl_sum = tl.sum(tl.where(resp, kl, 0.0))
+
+    out = stats_ptr + (row * n_blocks + block) * NUM_STATS
+    tl.store(out + 0, tl.sum(tl.where(ctrl, token_loss, 0.0)))
+    tl.store(out + 1, tl.sum(tl.where(rest, token_loss, 0.0)))
+    tl.store(out + 2, tl.sum(ctrl.to(tl.float32)))
+    tl.store(out + 3, tl.sum(rest.to(tl.float32)))
+    tl.store(out + 4, tl.sum((resp & (clipped > unclipped)).to(tl.float32)))
+    tl.store(out + 5, kl_sum)
+    tl.store(out + 6, tl.sum(tl.where(resp, ratio, 0.0)))
+
+
+@triton.jit
+def _degrpo_bwd_kernel(
+    # pointers
+    dlogp_ptr,  # [B, T], out, the dtype of logp
+    logp_ptr,
+    old_ptr,
+    adv_ptr,
+    resp_ptr,
+    ref_ptr,
+    ctrl_ptr,
+    first_ptr,
+    weights_ptr,  # fp32 [3]: dL/d(token loss) of a control token, of another response token, dL/d(kl)
+    # shapes
+    T,
+    # row strides (tokens are contiguous)
+    stride_dlogp,
+    stride_logp,
+    stride_old,
+    stride_adv_b,
+    stride_adv_t,
+    stride_resp,
+    stride_ref,
+    stride_ctrl,
+    # options
+    clip_low,
+    clip_high,
+    # meta-parameters
+    HAS_KL: tl.constexpr,
+    HAS_CONTROL_MASK: tl.constexpr,
+    KL_TYPE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    resp, ctrl, logp, adv, ratio, unclipped, clipped = _token_terms(
+        row, t, T, logp_ptr, old_ptr, adv_ptr, resp_ptr, ctrl_ptr, first_ptr, stride_logp, stride_old,
+        stride_adv_b, stride_adv_t, stride_resp, stride_ctrl, clip_low, clip_high, HAS_CONTROL_MASK,
+    )  # fmt: skip
+    # d max(-A*r, -A*clip(r)) / d logp: the unclipped branch carries -A*r (dr/dlogp = r); a strictly larger
+    # clipped branch is constant in logp. Ties go to the unclipped side, as torch.maximum + clamp give in sum.
+    dtoken = tl.where(clipped > unclipped, 0.0, -adv * ratio)
+    w_control = tl.load(weights_ptr + 0)
+    w_response = tl.load(weights_ptr + 1)
+    grad = tl.where(ctrl, w_control * dtoken, tl.where(resp, w_response * dtoken, 0.0))
+    if HAS_KL:
+        ref = tl.load(ref_ptr + row * stride_ref + t, mask=t < T, other=0.0).to(tl.float32)
+        _, dkl = _kl_terms(logp, ref, KL_TYPE)
+        grad += tl.where(resp, tl.load(weights_ptr + 2) * dkl, 0.0)
+    tl.store(dlogp_ptr + row * stride_dlogp + t, grad.to(dlogp_ptr.dtype.element_ty), mask=t < T)
+
+
+@dataclass(frozen=True)
+class DeGRPOParams:
+    """The options of the loss that are not tensors, handed to the autograd.Function as one object."""
+
+    alpha: float = 1e-3
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    kl_coef: float = 0.0
+    kl_type: str = "k3"
+    decoupled: bool = True
+
+
+def _as_u8(mask: Tensor) -> Tensor:
+    return mask.contiguous().view(torch.uint8)
+
+
+def _token_args(logp, old_logp, advantages, response_mask, ref_logp, control_mask):
+    """Contiguous-row views and their row strides, in the order the kernels take them."""
+    logp, old_logp = logp.contiguous(), old_logp.contiguous()
+    advantages = advantages.contiguous()
+    adv_strides = (advantages.stride(0), 0) if advantages.dim() == 1 else advantages.stride()
+    resp = _as_u8(response_mask)
+    ref = ref_logp.contiguous() if ref_logp is not None else logp  # placeholder pointer when HAS_REF is off
+    ctrl = _as_u8(control_mask) if control_mask is not None else resp
+    pointers = (logp, old_logp, advantages, resp, ref, ctrl)
+    strides = (logp.stride(0), old_logp.stride(0), *adv_strides, resp.stride(0), ref.stride(0), ctrl.stride(0))
+    return pointers, strides
+
+
+def _first_response_triton(response_mask: Tensor) -> Tensor:
+    B, T = response_mask.shape
+    first = torch.empty(B, dtype=torch.int32, device=response_mask.device)
+    resp = _as_u8(response_mask)
+    _first_response_kernel[(B,)](
+        resp, first, T, resp.stride(0), BLOCK=FIRST_RESPONSE.block, num_warps=FIRST_RESPONSE.num_warps
+    )
+    return first
+
+
+def _forward_triton(logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, p):
+    """Seven batch totals, float64 [NUM_STATS] (see NUM_STATS for the order)."""
+    B, T = logp.shape
+    n_blocks = triton.cdiv(T, DEGRPO_LOSS.block)
+    stats = torch.zeros(B * n_blocks, NUM_STATS, dtype=torch.float32, device=logp.device)
+    if B * T:
+        (lp, old, adv, resp, ref, ctrl), strides = _token_args(
+            logp, old_logp, advantages, response_mask, ref_logp, control_mask
+        )
+        s_logp, s_old, s_adv_b, s_adv_t, s_resp, s_ref, s_ctrl = strides
+        _degrpo_fwd_kernel[(B, n_blocks)](
+            lp, old, adv, resp, ref, ctrl, first, stats,
+            T, n_blocks,
+            s_logp, s_old, s_adv_b, s_adv_t, s_resp, s_ref, s_ctrl,
+            p.clip_low, p.clip_high,
+            HAS_REF=ref_logp is not None,
+            HAS_CONTROL_MASK=control_mask is not None,
+            KL_TYPE=KL_TYPES.index(p.kl_type) + 1,
+            NUM_STATS=NUM_STATS,
+            BLOCK=DEGRPO_LOSS.block,
+            num_warps=DEGRPO_LOSS.num_warps,
+        )  # fmt: skip
+    return stats.sum(0, dtype=torch.float64)
+
+
+def _backward_triton(logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights, p):
+    B, T = logp.shape
+    dlogp = torch.empty_like(logp, memory_format=torch.contiguous_format)
+    if B * T == 0:
+        return dlogp
+    (lp, old, adv, resp, ref, ctrl), strides = _token_args(
+        logp, old_logp, advantages, response_mask, ref_logp, control_mask
+    )
+    s_logp, s_old, s_adv_b, s_adv_t, s_resp, s_ref, s_ctrl = strides
+    _degrpo_bwd_kernel[(B, triton.cdiv(T, DEGRPO_LOSS.block))](
+        dlogp, lp, old, adv, resp, ref, ctrl, first, weights,
+        T,
+        dlogp.stride(0), s_logp, s_old, s_adv_b, s_adv_t, s_resp, s_ref, s_ctrl,
+        p.clip_low, p.clip_high,
+        HAS_KL=ref_logp is not None and p.kl_coef != 0.0,
+        HAS_CONTROL_MASK=control_mask is not None,
+        KL_TYPE=KL_TYPES.index(p.kl_type) + 1,
+        BLOCK=DEGRPO_LOSS.block,
+        num_warps=DEGRPO_LOSS.num_warps,
+    )  # fmt: skip
+    return dlogp
+
+
+def _loss_from_totals(totals: Tensor, p: DeGRPOParams) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss, the statistics in `reference.STAT_NAMES` order, and the backward weights, from the batch totals.
+
+    Every mean divides by max(count, 1): an empty mask contributes 0, never NaN.
+    """
+    control_sum, response_sum, n_control, n_response, n_clipped, kl_sum, ratio_sum = totals.unbind()
+    n_all = n_control + n_response
+    per_control, per_response, per_token = (1 / n.clamp(min=1) for n in (n_control, n_response, n_all))
+    if p.decoupled:
+        w_control, w_response = p.alpha * per_control, per_response
+    else:
+        w_control = w_response = per_token
+    loss = w_control * control_sum + w_response * response_sum
+    if p.kl_coef != 0.0:  # skipped when off, so an infinite estimate on a stray token cannot turn 0 * inf to NaN
+        loss = loss + p.kl_coef * kl_sum * per_token
+    stats = torch.stack(
+        (
+            control_sum * per_control,
+            response_sum * per_response,
+            n_clipped * per_token,
+            kl_sum * per_token,
+            ratio_sum * per_token,
+            n_control,
+            n_all,
+        )
+    )
+    weights = torch.stack((w_control, w_response, p.kl_coef * per_token))
+    return loss, stats, weights
+
+
+class DeGRPOLossFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels; only `logp` receives a gradient."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, advantages, response_mask, ref_logp, control_mask, params: DeGRPOParams):
+        first = _first_response_triton(response_mask) if control_mask is None else response_mask
+        totals = _forward_triton(logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, params)
+        loss, stats, weights = _loss_from_totals(totals, params)
+        ctx.save_for_backward(logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights)
+        ctx.params = params
+        ctx.mark_non_differentiable(stats)
+        out_dtype = torch.promote_types(logp.dtype, torch.float32)
+        return loss.to(out_dtype), stats.to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights = ctx.saved_tensors
+        weights = (weights * grad_loss).float().contiguous()
+        dlogp = _backward_triton(
+            logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights, ctx.params
+        )
+        return dlogp, None, None, None, None, None, None
+
+
+def _check_inputs(logp, old_logp, advantages, response_mask, ref_logp, control_mask):
+    logp = _checks.floating("logp", logp)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be 2-D [B, T], got shape {tuple(logp.shape)}")
+    shape, device = logp.shape, logp.device
+    old_logp = _checks.floating("old_logp", old_logp)
+    _checks.same_shape("old_logp", old_logp, shape, "logp")
+    advantages = _checks.floating("advantages", advantages)
+    if advantages.shape not in (shape, shape[:1]):
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}, expected [B]={tuple(shape[:1])} or [B, T]={tuple(shape)}"
+        )
+    response_mask = _checks.mask("response_mask", response_mask)
+    _checks.same_shape("response_mask", response_mask, shape, "logp")
+    named = {"old_logp": old_logp, "advantages": advantages, "response_mask": response_mask}
+    if ref_logp is not None:
+        ref_logp = named["ref_logp"] = _checks.floating("ref_logp", ref_logp)
+        _checks.same_shape("ref_logp", ref_logp, shape, "logp")
+    if control_mask is not None:
+        control_mask = named["control_mask"] = _checks.mask("control_mask", control_mask)
+        _checks.same_shape("control_mask", control_mask, shape, "logp")
+    for name, value in named.items():
+        _checks.same_device(name, value, device, "logp")
+    return logp, old_logp, advantages, response_mask, ref_logp, control_mask
+
+
+def degrpo_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    ref_logp: Tensor | None = None,
+    control_mask: Tensor | None = None,
+    alpha: float = 1e-3,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    kl_coef: float = 0.0,
+    kl_type: str = "k3",
+    decoupled: bool = True,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The DeGRPO policy loss (Thinkless) on the log-probs of the sampled tokens.
+
+    Args:
+        logp: float [B, T], log-probs of the sampled tokens under the policy being trained (receives the gradient).
+        old_logp: float [B, T], the same under the policy that sampled them.
+        advantages: float [B] (one per sequence) or [B, T] (per token).
+        response_mask: bool [B, T], True on response tokens (left or right padding both work).
+        ref_logp: float [B, T], the same under the frozen reference; needed when kl_coef > 0.
+        control_mask: bool [B, T], the control-token positions; default: each row's first response token.
+        alpha: weight of the control-token loss (the paper uses 1e-3).
+        clip_low, clip_high: PPO clip range [1 - clip_low, 1 + clip_high] of the ratio exp(logp - old_logp).
+        kl_coef, kl_type: weight and estimator ("k1", "k2", "k3") of the KL term against the reference.
+        decoupled: True for DeGRPO; False for vanilla GRPO (one token-mean over the whole response).
+        backend: "triton", "cpp" or "torch"; default from the device (or THINKLESS_BACKEND).
+
+    Returns:
+        (loss, metrics): a scalar, float32 (float64 for float64 log-probs), and a dict of detached scalars:
+        control_loss, response_loss, clip_frac, kl, ratio_mean, control_tokens, response_tokens.
+    """
+    logp, old_logp, advantages, response_mask, ref_logp, control_mask = _check_inputs(
+        logp, old_logp, advantages, response_mask, ref_logp, control_mask
+    )
+    params = DeGRPOParams(
+        alpha=_checks.number("alpha", alpha, low=0.0),
+        clip_low=_checks.number("clip_low", clip_low, low=0.0),
+        clip_high=_checks.number("clip_high", clip_high, low=0.0),
+        kl_coef=_checks.number("kl_coef", kl_coef, low=0.0),
+        kl_type=_checks.choice("kl_type", kl_type, KL_TYPES),
+        decoupled=bool(decoupled),
+    )
+    if params.kl_coef > 0 and ref_logp is None:
+        raise ValueError("ref_logp is required when kl_coef > 0 (the KL term compares against the reference)")
+    if select_backend(logp.device, backend) == "triton":
+        loss, stats = DeGRPOLossFunction.apply(
+            logp, old_logp, advantages, response_mask, ref_logp, control_mask, params
+        )
+        return loss, dict(zip(reference.STAT_NAMES, stats.unbind(), strict=True))
+    return reference.degrpo_loss(
+        logp,
+        old_logp,
+        advantages,
+        response_mask,
+        ref_logp=ref_logp,
+        control_mask=control_mask,
+        **vars(params),
+    )
