@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import importlib
 import os
-import warnings
 
 import torch
 
@@ -25,15 +24,10 @@ def triton_interpreted() -> bool:
 
 @functools.cache
 def native_extension():
-    """The compiled `thinkless._C` module, or None (with one warning) when it was not built."""
+    """The compiled `thinkless._C` module, or None when it was not built (then CPU tensors use torch)."""
     try:
         return importlib.import_module("thinkless._C")
-    except ImportError as err:
-        warnings.warn(
-            f"thinkless._C is not available ({err}); CPU kernels fall back to torch. "
-            "Reinstall with `pip install --no-build-isolation .` to build it.",
-            stacklevel=3,
-        )
+    except ImportError:
         return None
 
 

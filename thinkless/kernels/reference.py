@@ -49,7 +49,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_type: str) -> Tensor:
     """Per-token KL estimator between the policy and the reference (Schulman, "Approximating KL divergence").
 
     k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1 (verl's `low_var_kl`,
-    without its clamp).
+    without its clamp). k3 is evaluated in float64: at the small log-ratios of real training (|d| ~ 1e-2) its
+    three O(1) terms cancel to ~d^2/2, and float32 would keep only a few correct digits.
     """
     log_ratio = logp - ref_logp
     if kl_type == "k1":
@@ -57,7 +58,8 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_type: str) -> Tensor:
     if kl_type == "k2":
         return 0.5 * log_ratio**2
     if kl_type == "k3":
-        return torch.exp(-log_ratio) + log_ratio - 1
+        d = log_ratio.double()
+        return (torch.exp(-d) + d - 1).to(log_ratio.dtype)
     raise ValueError(f"kl_type must be one of 'k1', 'k2', 'k3', got {kl_type!r}")
 
 
@@ -91,12 +93,17 @@ def degrpo_loss(
     Only `logp` receives a gradient; old, reference log-probs and advantages are constants of the step.
     """
     dtype = torch.promote_types(logp.dtype, torch.float32)
-    logp = logp.to(dtype)
-    old_logp = old_logp.detach().to(dtype)
-    advantages = advantages.detach().to(dtype)
-    if advantages.dim() == 1:
-        advantages = advantages[:, None]
     response_mask = response_mask.bool()
+
+    def response_only(x: Tensor) -> Tensor:
+        # Padding may hold anything (-inf log-probs are common); zero it before any arithmetic, so that neither
+        # the loss nor the gradient of a masked token can turn into NaN.
+        return torch.where(response_mask, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+
+    logp = response_only(logp)
+    old_logp = response_only(old_logp.detach())
+    advantages = advantages.detach()
+    advantages = response_only(advantages[:, None] if advantages.dim() == 1 else advantages)
     control = first_response_token_mask(response_mask) if control_mask is None else control_mask.bool()
     control = control & response_mask  # a control token is a response token
     rest = response_mask & ~control  # `resp_mask[:, 0] = 0`: every response token after the control token
@@ -110,8 +117,8 @@ def degrpo_loss(
     control_loss = _masked_mean(token_loss, control)
     response_loss = _masked_mean(token_loss, rest)
     if decoupled:
-        # DeGRPO (the paper's decoupled objective; `pg_loss = thinkless_alpha * cond_loss + resp_loss`): the control token is
-        # normalised on its own, so a 10k-token answer no longer outweighs the one token that picks the mode.
+        # DeGRPO, the paper's decoupled objective (`pg_loss = thinkless_alpha * cond_loss + resp_loss`): the control
+        # token is normalised on its own, so a 10k-token answer no longer outweighs the token that picks the mode.
         loss = alpha * control_loss + response_loss
     else:
         # Vanilla GRPO: one token-mean over the whole response, control token included.
@@ -119,7 +126,7 @@ def degrpo_loss(
 
     kl = torch.zeros((), dtype=dtype, device=logp.device)
     if ref_logp is not None:
-        kl = _masked_mean(kl_penalty(logp, ref_logp.detach().to(dtype), kl_type), response_mask)
+        kl = _masked_mean(kl_penalty(logp, response_only(ref_logp.detach()), kl_type), response_mask)
     if kl_coef != 0.0:
         loss = loss + kl_coef * kl
 

@@ -1,0 +1,25 @@
+"""The installed `thinkless-train` entry point."""
+
+import shutil
+import subprocess
+
+import pytest
+
+
+@pytest.fixture
+def exe():
+    path = shutil.which("thinkless-train")
+    assert path, "thinkless-train is not on PATH: install the package (see README)"
+    return path
+
+
+def test_help_lists_the_stages(exe):
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
+    for stage in ("sft", "rl", "eval", "demo"):
+        assert stage in out
+
+
+def test_stage_not_yet_available_fails_cleanly(exe):
+    proc = subprocess.run([exe, "rl", "rollout.n=8"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "not available" in proc.stderr

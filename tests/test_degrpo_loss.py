@@ -1,0 +1,173 @@
+"""degrpo_loss on every backend against the float64 reference; the reference against the original code."""
+
+import cases
+import original_thinkless
+import pytest
+import torch
+from conftest import backend_params
+
+from thinkless.kernels import degrpo_loss, reference
+
+OPTIONS = {
+    "degrpo": dict(),
+    "degrpo_alpha1": dict(alpha=1.0),
+    "grpo": dict(decoupled=False),
+    "asym_clip": dict(clip_low=0.1, clip_high=0.28, alpha=0.3),
+    "kl_k1": dict(kl_coef=0.05, kl_type="k1", alpha=0.5),
+    "kl_k2": dict(kl_coef=0.1, kl_type="k2", decoupled=False),
+    "kl_k3": dict(kl_coef=0.2, kl_type="k3"),
+    "ref_no_kl": dict(kl_coef=0.0, kl_type="k3"),  # ref given: KL is reported, not added
+    "control_mask": dict(alpha=0.7),
+}
+
+
+def _run(fn, logp, old, ref, adv, mask, opts, *, control_mask=None, **kw):
+    x = logp.clone().requires_grad_(True)
+    use_ref = ref if "kl_type" in opts else None
+    loss, metrics = fn(x, old, adv, mask, ref_logp=use_ref, control_mask=control_mask, **opts, **kw)
+    loss.backward()
+    return loss.detach(), metrics, x.grad
+
+
+def _magnitude(logp, old, ref, adv, mask, opts, loss) -> float:
+    """|loss| + the loss with |advantages| + kl_coef * mean |logp - ref|: the size of the terms that were summed."""
+    abs_loss, _, _ = _run(
+        reference.degrpo_loss, logp.double(), old.double(), ref.double(), adv.double().abs(), mask, opts
+    )
+    d = (logp.double() - ref.double()).abs()[mask]
+    kl = opts.get("kl_coef", 0.0) * d.mean().item() if d.numel() else 0.0
+    return abs(loss.item()) + abs(abs_loss.item()) + kl
+
+
+def _control_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A non-default control mask: the first two response tokens of every row."""
+    return mask & (mask.long().cumsum(1) <= 2)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("shape", cases.SHAPES, ids=lambda s: f"B{s[0]}T{s[1]}")
+@pytest.mark.parametrize("option", OPTIONS.keys())
+@pytest.mark.parametrize("per_token_adv", [False, True], ids=["adv_B", "adv_BT"])
+def test_matches_reference(device, backend, shape, option, per_token_adv):
+    opts = OPTIONS[option]
+    logp, old, ref, adv, mask = cases.loss_inputs(*shape, per_token_adv=per_token_adv, clip=0.2)
+    if option == "asym_clip":  # keep the float32/float64 comparison away from these clip edges too
+        logp, old, ref, adv, mask = cases.loss_inputs(*shape, per_token_adv=per_token_adv, clip=0.1)
+        old = torch.where(((logp - old).exp() - 1.28).abs() < 1e-3, old + 5e-3, old)
+    control = _control_mask(mask) if option == "control_mask" else None
+
+    t_loss, t_metrics, t_grad = _run(
+        reference.degrpo_loss, logp.double(), old.double(), ref.double(), adv.double(), mask, opts,
+        control_mask=control,
+    )  # fmt: skip
+    on = lambda x: None if x is None else x.to(device)  # noqa: E731
+    loss, metrics, grad = _run(
+        degrpo_loss, on(logp), on(old), on(ref), on(adv), on(mask), opts, control_mask=on(control), backend=backend
+    )
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32 and loss.device.type == device.type
+    # The loss sums token terms of both signs; next to a near-zero result the error of any float32 sum is large,
+    # so the error is measured against the magnitude of the summed terms.
+    assert abs(loss.cpu().double() - t_loss).item() < 1e-5 * _magnitude(logp, old, ref, adv, mask, opts, t_loss)
+    assert cases.rel_err(grad.cpu(), t_grad) < 1e-5
+    assert torch.all(grad.cpu()[~mask] == 0), "padding must get exactly zero gradient"
+    assert set(metrics) == set(reference.STAT_NAMES)
+    for name in reference.STAT_NAMES:
+        assert metrics[name].requires_grad is False
+        torch.testing.assert_close(metrics[name].cpu().double(), t_metrics[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_empty_masks_give_zero_not_nan(device, backend, decoupled):
+    """A rank whose batch has no response tokens still gets a finite loss and a zero gradient to backward."""
+    logp, old, ref, adv, _ = cases.loss_inputs(4, 17)
+    logp = torch.nan_to_num(logp, neginf=-1.0).to(device).requires_grad_(True)
+    empty = torch.zeros(4, 17, dtype=torch.bool, device=device)
+    loss, metrics = degrpo_loss(
+        logp, old.to(device), adv.to(device), empty, ref_logp=ref.to(device), kl_coef=0.1, decoupled=decoupled,
+        backend=backend,
+    )  # fmt: skip
+    loss.backward()
+    assert loss.item() == 0.0 and all(torch.isfinite(v).all() for v in metrics.values())
+    assert torch.equal(logp.grad.cpu(), torch.zeros(4, 17))
+    # Only control tokens: the response mean is empty, the control mean is not.
+    only_first = torch.zeros(4, 17, dtype=torch.bool, device=device)
+    only_first[:, 3] = True
+    loss, metrics = degrpo_loss(logp, old.to(device), adv.to(device), only_first, backend=backend)
+    assert torch.isfinite(loss) and metrics["response_loss"].item() == 0.0 and metrics["control_tokens"].item() == 4
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_low_precision_inputs(device, backend):
+    """bf16 log-probs: the loss is computed in float32 and the gradient comes back in bf16."""
+    logp, old, ref, adv, mask = cases.loss_inputs(5, 130)
+    logp, old, ref = (x.to(torch.bfloat16) for x in (logp, old, ref))
+    opts = OPTIONS["kl_k3"]
+    t_loss, _, t_grad = _run(reference.degrpo_loss, logp.double(), old.double(), ref.double(), adv.double(), mask, opts)
+    on = lambda x: x.to(device)  # noqa: E731
+    loss, _, grad = _run(degrpo_loss, on(logp), on(old), on(ref), on(adv), on(mask), opts, backend=backend)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert cases.rel_err(loss.cpu(), t_loss) < 1e-5
+    assert cases.rel_err(grad.cpu(), t_grad) < 1e-2  # bf16 rounding of the stored gradient
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_int_and_float_masks_are_accepted(device, backend):
+    logp, old, _, adv, mask = cases.loss_inputs(3, 17)
+    expected, _ = degrpo_loss(logp.to(device), old.to(device), adv.to(device), mask.to(device), backend=backend)
+    for as_type in (torch.int64, torch.float32, torch.uint8):
+        got, _ = degrpo_loss(logp.to(device), old.to(device), adv.to(device), mask.to(device, as_type), backend=backend)
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("with_kl", [False, True])
+def test_reference_matches_original_code(decoupled, with_kl):
+    """Right-padded rows starting at column 0, the layout of the original code, where both definitions meet."""
+    B, T = 6, 23
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    logp = -torch.rand(B, T, generator=gen, dtype=torch.float64) * 3
+    old = logp + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.3
+    ref = logp + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.3
+    adv = torch.randn(B, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(1, T + 1, (B,), generator=gen)
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    kl = dict(ref_logp=ref, kl_coef=0.1, kl_type="k3") if with_kl else {}
+    loss, _ = reference.degrpo_loss(
+        logp, old, adv, mask, alpha=1e-3, clip_low=0.2, clip_high=0.2, decoupled=decoupled, **kl
+    )
+    expected = original_thinkless.policy_loss(
+        logp.tolist(), old.tolist(), adv.tolist(), mask.tolist(), 0.2, 1e-3 if decoupled else None,
+        ref_logp=ref.tolist() if with_kl else None, kl_coef=0.1,
+    )  # fmt: skip
+    assert abs(loss.item() - expected) <= 1e-6 * max(1.0, abs(expected))
+
+
+def test_alpha_scales_only_the_control_token():
+    """The decoupled loss is linear in alpha with slope equal to the control-token loss."""
+    logp, old, _, adv, mask = cases.loss_inputs(7, 130)
+    logp, old, adv = logp.double(), old.double(), adv.double()
+    l0, m0 = reference.degrpo_loss(logp, old, adv, mask, alpha=0.0)
+    l1, _ = reference.degrpo_loss(logp, old, adv, mask, alpha=1.0)
+    torch.testing.assert_close(l0, m0["response_loss"])
+    torch.testing.assert_close(l1 - l0, m0["control_loss"])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
+def test_kl_at_small_log_ratios(device, backend, kl_type):
+    """Real policies stay close to the reference (|logp - ref| ~ 1e-3), where k3 = exp(-d) + d - 1 cancels to
+    d^2/2: the KL value and its gradient must keep their relative accuracy there."""
+    logp, old, _, adv, mask = cases.loss_inputs(5, 130)
+    ref = torch.where(mask, logp, -1.0) + torch.randn(5, 130) * 1e-3
+    opts = dict(kl_coef=1.0, kl_type=kl_type, alpha=0.0)
+    adv = adv * 0  # the KL term alone
+    _, t_metrics, t_grad = _run(
+        reference.degrpo_loss, logp.double(), old.double(), ref.double(), adv.double(), mask, opts
+    )
+    on = lambda x: x.to(device)  # noqa: E731
+    _, metrics, grad = _run(degrpo_loss, on(logp), on(old), on(ref), on(adv), on(mask), opts, backend=backend)
+    # k1 = d has both signs: its mean is judged against mean |d|, k2 and k3 are never negative.
+    magnitude = reference.kl_penalty(logp.double(), ref.double(), kl_type).abs()[mask].mean()
+    assert (metrics["kl"].cpu().double() - t_metrics["kl"]).abs() < 1e-5 * magnitude
+    assert cases.rel_err(grad.cpu(), t_grad) < 1e-5

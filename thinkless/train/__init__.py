@@ -1,0 +1,1 @@
+"""thinkless training: the `thinkless-train` command (warm-up SFT, DeGRPO RL, evaluation)."""
