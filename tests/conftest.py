@@ -17,6 +17,8 @@ import pytest  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 HAS_NATIVE = importlib.util.find_spec("thinkless._C") is not None
+# On a GPU machine the kernels are compiled, not interpreted, so Triton cannot take CPU tensors there.
+TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def backend_params():
@@ -42,3 +44,11 @@ def device(request):
 def _no_forced_backend(monkeypatch):
     # A THINKLESS_BACKEND left in the caller's shell would silently turn every parametrized backend into one.
     monkeypatch.delenv("THINKLESS_BACKEND", raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _skip_triton_on_cpu_without_interpreter(request):
+    params = getattr(request.node, "callspec", None)
+    params = params.params if params else {}
+    if params.get("backend") == "triton" and params.get("device", "cpu") == "cpu" and not TRITON_ON_CPU:
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1; this run compiles the kernels for CUDA")

@@ -71,7 +71,8 @@ ADV_CASES = {
     "bool ids": (torch.tensor([1.0, 0.0, 1.0]), torch.tensor([True, False, True]), "group_ids"),
     "length": (torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0, 0]), "group_ids"),
     "2-D rewards": (torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.long), "rewards"),
-    "ids not a tensor": (torch.tensor([1.0, 0.0]), [0, 0], "group_ids"),
+    "string ids": (torch.tensor([1.0, 0.0]), ["a", "b"], "group_ids"),
+    "float list ids": (torch.tensor([1.0, 0.0]), [0.5, 1.0], "group_ids"),
     "device": (torch.tensor([1.0, 0.0]), torch.zeros(2, dtype=torch.long, device="meta"), "group_ids"),
 }
 

@@ -22,7 +22,7 @@ OPTIONS = {
 
 
 def _run(fn, logp, old, ref, adv, mask, opts, *, control_mask=None, **kw):
-    x = logp.clone().requires_grad_(True)
+    x = logp.detach().clone().requires_grad_(True)
     use_ref = ref if "kl_type" in opts else None
     loss, metrics = fn(x, old, adv, mask, ref_logp=use_ref, control_mask=control_mask, **opts, **kw)
     loss.backward()
@@ -171,3 +171,21 @@ def test_kl_at_small_log_ratios(device, backend, kl_type):
     magnitude = reference.kl_penalty(logp.double(), ref.double(), kl_type).abs()[mask].mean()
     assert (metrics["kl"].cpu().double() - t_metrics["kl"]).abs() < 1e-5 * magnitude
     assert cases.rel_err(grad.cpu(), t_grad) < 1e-5
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_strided_inputs(device, backend):
+    """Log-probs sliced out of a longer buffer ([:, 1:], as after shifting logits) stay exact."""
+    B, T = 5, 130
+    full = cases.loss_inputs(B, T + 1, per_token_adv=True)
+    opts = OPTIONS["kl_k3"]
+    args = [x[:, 1:] for x in full]
+    t_loss, _, t_grad = _run(reference.degrpo_loss, *(x.double() for x in args[:4]), args[4], opts)
+    buffer = full[0].to(device, copy=True).requires_grad_(True)
+    logp, old, ref, adv, mask = (x.to(device)[:, 1:] for x in (buffer, *full[1:]))
+    assert logp.stride(0) == T + 1 and mask.stride(0) == T + 1
+    loss, _ = degrpo_loss(logp, old, adv, mask, ref_logp=ref, **opts, backend=backend)
+    loss.backward()
+    assert abs(loss.detach().cpu().double() - t_loss).item() < 1e-5 * _magnitude(*args, opts, t_loss)
+    assert cases.rel_err(buffer.grad[:, 1:].cpu(), t_grad) < 1e-5
+    assert torch.all(buffer.grad[:, 0] == 0)

@@ -18,6 +18,16 @@ def tensor(name: str, value) -> Tensor:
     return value
 
 
+def as_tensor(name: str, value, device: torch.device | None = None) -> Tensor:
+    """A tensor from a tensor, a numpy array or a list of numbers (as rewards and prompt ids often arrive)."""
+    if isinstance(value, Tensor):
+        return value
+    try:
+        return torch.as_tensor(value, device=device)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be a tensor or a list of numbers, got {type(value).__name__}: {err}") from None
+
+
 def floating(name: str, value) -> Tensor:
     value = tensor(name, value)
     if not value.dtype.is_floating_point:

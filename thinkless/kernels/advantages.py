@@ -96,8 +96,8 @@ def group_advantages(
     """Group-relative advantages for outcome rewards.
 
     Args:
-        rewards: float [N], one scalar reward per sample.
-        group_ids: int [N], the prompt each sample answers; any values, any order.
+        rewards: float [N], one scalar reward per sample (a tensor, or a list / numpy array of floats).
+        group_ids: int [N], the prompt each sample answers; any values, any order (tensor, list or numpy).
         normalize_std: divide by the group's unbiased std + eps (GRPO). Off by default: Dr. GRPO, as Thinkless.
         eps: added to the std before dividing.
         backend: "triton", "cpp" or "torch"; default from the device (or THINKLESS_BACKEND).
@@ -105,8 +105,8 @@ def group_advantages(
     Returns:
         float32 [N]: r - mean(r over its group) (divided by std + eps with `normalize_std`); 0 for a group of one.
     """
-    rewards = _checks.floating("rewards", rewards)
-    group_ids = _checks.integer("group_ids", group_ids)
+    rewards = _checks.floating("rewards", _checks.as_tensor("rewards", rewards))
+    group_ids = _checks.integer("group_ids", _checks.as_tensor("group_ids", group_ids, rewards.device))
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     _checks.same_shape("group_ids", group_ids, rewards.shape, "rewards")

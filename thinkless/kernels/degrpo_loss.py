@@ -229,19 +229,24 @@ class DeGRPOParams:
     decoupled: bool = True
 
 
+def _rows(x: Tensor) -> Tensor:
+    """x itself when its tokens are contiguous (any row stride, e.g. a [:, 1:] slice of the logits' log-probs)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def _as_u8(mask: Tensor) -> Tensor:
-    return mask.contiguous().view(torch.uint8)
+    return _rows(mask).view(torch.uint8)  # same item size, so a view at any stride
 
 
 def _token_args(logp, old_logp, advantages, response_mask, ref_logp, control_mask):
-    """Contiguous-row views and their row strides, in the order the kernels take them."""
-    logp, old_logp = logp.contiguous(), old_logp.contiguous()
-    advantages = advantages.contiguous()
-    adv_strides = (advantages.stride(0), 0) if advantages.dim() == 1 else advantages.stride()
+    """Views whose tokens are contiguous, and their row strides, in the order the kernels take them."""
+    logp, old_logp = _rows(logp), _rows(old_logp)
+    adv = advantages.contiguous() if advantages.dim() == 1 else _rows(advantages)
+    adv_strides = (1, 0) if adv.dim() == 1 else adv.stride()
     resp = _as_u8(response_mask)
-    ref = ref_logp.contiguous() if ref_logp is not None else logp  # placeholder pointer when HAS_REF is off
+    ref = _rows(ref_logp) if ref_logp is not None else logp  # placeholder pointer when HAS_REF is off
     ctrl = _as_u8(control_mask) if control_mask is not None else resp
-    pointers = (logp, old_logp, advantages, resp, ref, ctrl)
+    pointers = (logp, old_logp, adv, resp, ref, ctrl)
     strides = (logp.stride(0), old_logp.stride(0), *adv_strides, resp.stride(0), ref.stride(0), ctrl.stride(0))
     return pointers, strides
 
