@@ -105,3 +105,14 @@ def test_lists_and_numpy_are_accepted(backend):
     from_numpy = group_advantages(np.array([1.0, -1.0, 0.5, 0.5]), np.array([3, 3, 8, 8]), backend=backend)
     torch.testing.assert_close(from_lists, expected)
     torch.testing.assert_close(from_numpy, expected)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_float64_rewards_keep_their_digits(device, backend):
+    """Rewards that differ only past float32 precision still give exact advantages (the output is float32)."""
+    rewards = torch.tensor([1e8, 1e8 + 1, 1e8 + 2, 5.0], dtype=torch.float64, device=device)
+    ids = torch.tensor([0, 0, 0, 1], device=device)
+    out = group_advantages(rewards, ids, backend=backend)
+    assert torch.equal(out.cpu(), torch.tensor([-1.0, 0.0, 1.0, 0.0]))
+    out = group_advantages(rewards, ids, normalize_std=True, backend=backend)
+    torch.testing.assert_close(out.cpu(), torch.tensor([-1.0, 0.0, 1.0, 0.0]), rtol=1e-5, atol=1e-5)

@@ -88,6 +88,9 @@ def test_group_advantages_bad_input(device, backend, case):
         group_advantages(rewards, ids, backend=backend)
 
 
-def test_eps_must_be_a_number():
+def test_eps_must_be_positive_with_normalize_std():
     with pytest.raises(ValueError, match=r"\beps\b"):
         group_advantages(torch.ones(2), torch.zeros(2, dtype=torch.long), eps=-1.0)
+    # An all-equal group has std 0: dividing by std + 0 is undefined, so it is refused up front.
+    with pytest.raises(ValueError, match=r"\beps\b.*> 0"):
+        group_advantages(torch.ones(2), torch.zeros(2, dtype=torch.long), normalize_std=True, eps=0.0)

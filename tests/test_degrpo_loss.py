@@ -189,3 +189,42 @@ def test_strided_inputs(device, backend):
     assert abs(loss.detach().cpu().double() - t_loss).item() < 1e-5 * _magnitude(*args, opts, t_loss)
     assert cases.rel_err(buffer.grad[:, 1:].cpu(), t_grad) < 1e-5
     assert torch.all(buffer.grad[:, 0] == 0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("option", ["degrpo", "grpo", "kl_k1", "kl_k2", "kl_k3", "control_mask"])
+def test_gradcheck_float64(device, backend, option):
+    """float64 inputs are computed in float64 on every backend, so autograd's numerical check applies."""
+    logp, old, ref, adv, mask = cases.loss_inputs(3, 7, per_token_adv=option == "kl_k2")
+    logp = torch.where(mask, logp, -2.0).double().to(device).requires_grad_(True)
+    old, ref, adv, mask = (x.to(device) for x in (old.double(), ref.double(), adv.double(), mask))
+    opts = dict(OPTIONS[option])
+    if "kl_type" in opts:
+        opts["ref_logp"] = ref
+    if option == "control_mask":
+        opts["control_mask"] = _control_mask(mask)
+
+    def loss(x):
+        return degrpo_loss(x, old, adv, mask, **opts, backend=backend)[0]
+
+    assert loss(logp).dtype == torch.float64
+    assert torch.autograd.gradcheck(loss, (logp,), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_nan_on_a_response_token_shows_in_the_loss(device, backend):
+    """A NaN log-prob inside the response must poison the loss (so training notices), on every backend."""
+    logp, old, _, adv, mask = cases.loss_inputs(3, 17)
+    mask[0, :4] = True
+    logp = torch.where(mask, logp, -1.0)
+    logp[0, 2] = float("nan")
+    loss, metrics = degrpo_loss(logp.to(device), old.to(device), adv.to(device), mask.to(device), backend=backend)
+    assert torch.isnan(loss) and torch.isnan(metrics["ratio_mean"])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_only_logp_is_differentiated(device, backend):
+    logp, old, _, adv, mask = cases.loss_inputs(3, 17)
+    old, adv = old.to(device).requires_grad_(True), adv.to(device).requires_grad_(True)
+    loss, _ = degrpo_loss(logp.to(device), old, adv, mask.to(device), backend=backend)
+    assert not loss.requires_grad  # logp is the only input that carries a gradient

@@ -33,6 +33,8 @@ class Variant:
 
 
 def _variants() -> list[Variant]:
+    import triton.language as tl
+
     from thinkless.kernels import _config
 
     # import_module, not `from thinkless.kernels import ...`: the package re-exports functions of the same names.
@@ -41,10 +43,10 @@ def _variants() -> list[Variant]:
 
     out = [
         Variant(
-            f"group_advantages[normalize_std={std}]",
+            f"group_advantages[{dtype},normalize_std={std}]",
             advantages._group_advantages_kernel,
             {
-                "rewards_ptr": "*fp32",
+                "rewards_ptr": f"*{dtype}",
                 "order_ptr": "*i64",
                 "starts_ptr": "*i64",
                 "counts_ptr": "*i64",
@@ -56,6 +58,7 @@ def _variants() -> list[Variant]:
             {"NORMALIZE_STD": std, "BLOCK": _config.GROUP_ADVANTAGES.block},
             _config.GROUP_ADVANTAGES.num_warps,
         )
+        for dtype in ("fp32", "fp64")
         for std in (False, True)
     ]
     out.append(
@@ -68,7 +71,8 @@ def _variants() -> list[Variant]:
         )
     )
     # Every feature switch of the loss kernels, in fp32 and bf16 log-probs.
-    for dtype in ("fp32", "bf16"):
+    for dtype in ("fp32", "bf16", "fp64"):
+        compute = tl.float64 if dtype == "fp64" else tl.float32
         for kl_type in (0, 1, 2, 3):  # 0: no reference log-probs
             for has_control in (False, True):
                 tokens = {
@@ -86,8 +90,8 @@ def _variants() -> list[Variant]:
                 options = {"clip_low": "fp32", "clip_high": "fp32"}
                 flags = {"HAS_CONTROL_MASK": has_control, "KL_TYPE": max(kl_type, 1)}
                 tag = f"{dtype},kl={kl_type},control_mask={has_control}"
-                fwd = {**tokens, "stats_ptr": "*fp32", "T": "i32", "n_blocks": "i32", **strides, **options}
-                fwd_flags = {"HAS_REF": kl_type > 0, **flags, "NUM_STATS": degrpo_loss.NUM_STATS}
+                fwd = {**tokens, "stats_ptr": "*fp64", "T": "i32", "n_blocks": "i32", **strides, **options}
+                fwd_flags = {"HAS_REF": kl_type > 0, **flags, "NUM_STATS": degrpo_loss.NUM_STATS, "COMPUTE": compute}
                 fwd_flags["BLOCK"] = _config.DEGRPO_LOSS.block
                 out.append(
                     Variant(
@@ -98,9 +102,10 @@ def _variants() -> list[Variant]:
                         _config.DEGRPO_LOSS.num_warps,
                     )
                 )
-                bwd = {"dlogp_ptr": f"*{dtype}", **tokens, "weights_ptr": "*fp32", "T": "i32"}
+                weights = "*fp64" if dtype == "fp64" else "*fp32"
+                bwd = {"dlogp_ptr": f"*{dtype}", **tokens, "weights_ptr": weights, "T": "i32"}
                 bwd.update({"stride_dlogp": "i32", **strides, **options})
-                bwd_flags = {"HAS_KL": kl_type > 0, **flags, "BLOCK": _config.DEGRPO_LOSS.block}
+                bwd_flags = {"HAS_KL": kl_type > 0, **flags, "COMPUTE": compute, "BLOCK": _config.DEGRPO_LOSS.block}
                 out.append(
                     Variant(
                         f"degrpo_bwd[{tag}]",

@@ -19,7 +19,7 @@ from thinkless.kernels._triton_utils import tl, triton
 @triton.jit
 def _group_advantages_kernel(
     # pointers
-    rewards_ptr,  # fp32 [N]
+    rewards_ptr,  # fp32 or fp64 [N]
     order_ptr,  # int64 [N], sample indices sorted by group
     starts_ptr,  # int64 [G], offset of each group in `order`
     counts_ptr,  # int64 [G]
@@ -30,38 +30,43 @@ def _group_advantages_kernel(
     NORMALIZE_STD: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    # With n = group size and S = sum of its rewards, r - mean = (n*r - S) / n. The scaled deviation n*r - S is
+    # formed in fp64 with multiplies and adds only: it is exactly 0 for a group of equal rewards and keeps every
+    # digit of fp64 rewards such as 1e8 + 1, and the divisions, taken at the end in fp32, never meet the fp64
+    # division subroutine (whose call costs a stack frame and a spill on sm_90a).
     group = tl.program_id(0).to(tl.int64)
     start = tl.load(starts_ptr + group)
     count = tl.load(counts_ptr + group)
+    n = count.to(tl.float64)
     offs = tl.arange(0, BLOCK)
 
-    total = tl.zeros([BLOCK], dtype=tl.float32)
+    total = tl.zeros([BLOCK], dtype=tl.float64)
     for i in range(0, count, BLOCK):
         in_group = i + offs < count
         idx = tl.load(order_ptr + start + i + offs, mask=in_group, other=0)
-        total += tl.load(rewards_ptr + idx, mask=in_group, other=0.0)
-    mean = tl.sum(total) / count.to(tl.float32)
+        total += tl.load(rewards_ptr + idx, mask=in_group, other=0.0).to(tl.float64)
+    S = tl.sum(total)
 
-    scale = 1.0
+    scale = tl.where(count > 1, 1.0, 0.0) / count.to(tl.float32)  # a group of one has no baseline: advantage 0
     if NORMALIZE_STD:
-        # Two passes (mean, then squared deviations) rather than E[r^2] - E[r]^2, which cancels badly when all
-        # rewards of a group are nearly equal.
-        sq = tl.zeros([BLOCK], dtype=tl.float32)
+        # Two passes (sum, then squared deviations) rather than E[r^2] - E[r]^2, which cancels when the rewards of
+        # a group are nearly equal. std = sqrt(sum (n*r - S)^2 / (n - 1)) / n.
+        sq = tl.zeros([BLOCK], dtype=tl.float64)
         for i in range(0, count, BLOCK):
             in_group = i + offs < count
             idx = tl.load(order_ptr + start + i + offs, mask=in_group, other=0)
-            r = tl.load(rewards_ptr + idx, mask=in_group, other=0.0)
-            d = tl.where(in_group, r - mean, 0.0)
+            r = tl.load(rewards_ptr + idx, mask=in_group, other=0.0).to(tl.float64)
+            d = tl.where(in_group, n * r - S, 0.0)
             sq += d * d
-        std = tl.sqrt(tl.sum(sq) / tl.maximum(count - 1, 1).to(tl.float32))
-        scale = 1.0 / (std + eps)
+        var = tl.sum(sq).to(tl.float32) / tl.maximum(count - 1, 1).to(tl.float32)
+        std = tl.sqrt(var) / count.to(tl.float32)
+        scale = scale / (std + eps)
 
-    # A group of one has mean == its reward, so r - mean is exactly 0: no special case needed.
     for i in range(0, count, BLOCK):
         in_group = i + offs < count
         idx = tl.load(order_ptr + start + i + offs, mask=in_group, other=0)
-        r = tl.load(rewards_ptr + idx, mask=in_group, other=0.0)
-        tl.store(out_ptr + idx, (r - mean) * scale, mask=in_group)
+        r = tl.load(rewards_ptr + idx, mask=in_group, other=0.0).to(tl.float64)
+        tl.store(out_ptr + idx, (n * r - S).to(tl.float32) * scale, mask=in_group)
 
 
 def _group_advantages_triton(rewards: Tensor, group_ids: Tensor, normalize_std: bool, eps: float) -> Tensor:
@@ -71,8 +76,10 @@ def _group_advantages_triton(rewards: Tensor, group_ids: Tensor, normalize_std: 
     _, counts = torch.unique(group_ids, return_counts=True)
     order = torch.argsort(group_ids, stable=True)
     starts = torch.cumsum(counts, 0) - counts
+    if rewards.dtype not in (torch.float32, torch.float64):
+        rewards = rewards.float()
     _group_advantages_kernel[(counts.numel(),)](
-        rewards.float().contiguous(),
+        rewards.contiguous(),
         order,
         starts,
         counts,
@@ -113,6 +120,10 @@ def group_advantages(
     _checks.same_device("group_ids", group_ids, rewards.device, "rewards")
     _checks.finite("rewards", rewards)
     eps = _checks.number("eps", eps, low=0.0)
+    if normalize_std and eps <= 0:
+        raise ValueError(
+            f"eps must be > 0 with normalize_std: a group whose rewards are all equal has std 0 (got {eps})"
+        )
     if select_backend(rewards.device, backend) == "triton":
         return _group_advantages_triton(rewards, group_ids, bool(normalize_std), eps)
     return reference.group_advantages(rewards, group_ids, normalize_std=bool(normalize_std), eps=eps)

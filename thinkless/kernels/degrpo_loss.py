@@ -61,20 +61,27 @@ def _token_terms(
     clip_low,
     clip_high,
     HAS_CONTROL_MASK: tl.constexpr,
+    COMPUTE: tl.constexpr,
 ):
-    """Masks and PPO terms of one block of tokens, shared by the forward and the backward."""
+    """Masks and PPO terms of one block of tokens, shared by the forward and the backward.
+
+    max/min propagate NaN, as torch.maximum and clamp do: a NaN log-prob on a response token must show in the
+    loss, not only in the gradient.
+    """
     in_row = t < T
     resp = tl.load(resp_ptr + row * stride_resp + t, mask=in_row, other=0) != 0
     if HAS_CONTROL_MASK:
         ctrl = resp & (tl.load(ctrl_ptr + row * stride_ctrl + t, mask=in_row, other=0) != 0)
     else:
         ctrl = resp & (t == tl.load(first_ptr + row))
-    logp = tl.load(logp_ptr + row * stride_logp + t, mask=in_row, other=0.0).to(tl.float32)
-    old = tl.load(old_ptr + row * stride_old + t, mask=in_row, other=0.0).to(tl.float32)
-    adv = tl.load(adv_ptr + row * stride_adv_b + t * stride_adv_t, mask=in_row, other=0.0).to(tl.float32)
+    logp = tl.load(logp_ptr + row * stride_logp + t, mask=in_row, other=0.0).to(COMPUTE)
+    old = tl.load(old_ptr + row * stride_old + t, mask=in_row, other=0.0).to(COMPUTE)
+    adv = tl.load(adv_ptr + row * stride_adv_b + t * stride_adv_t, mask=in_row, other=0.0).to(COMPUTE)
     ratio = tl.exp(logp - old)
     unclipped = -adv * ratio
-    clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - clip_low), 1.0 + clip_high)
+    ratio_clipped = tl.maximum(ratio, 1.0 - clip_low, propagate_nan=tl.PropagateNan.ALL)
+    ratio_clipped = tl.minimum(ratio_clipped, 1.0 + clip_high, propagate_nan=tl.PropagateNan.ALL)
+    clipped = -adv * ratio_clipped
     return resp, ctrl, logp, adv, ratio, unclipped, clipped
 
 
@@ -83,12 +90,13 @@ def _kl_terms(logp, ref, KL_TYPE: tl.constexpr):
     """(k, dk/dlogp) for the estimators k1, k2, k3 of KL(policy || reference), d = logp - ref.
 
     k3 = exp(-d) + d - 1 and its derivative 1 - exp(-d) cancel to ~d^2/2 and ~d at the small |d| of real
-    training, where fp32 keeps only a few digits. Below |d| = 1/2 their Taylor series (k3 = sum_{n>=2} (-d)^n/n!)
-    is used instead: eight terms, truncation below 1e-7 relative.
+    training, where fp32 keeps only a few digits. There their Taylor series (k3 = sum_{n>=2} (-d)^n/n!) is used
+    instead, to eight terms: below |d| = 1/2 in fp32 and 1/20 in fp64 the truncation is under the rounding of
+    either side.
     """
     d = logp - ref
     if KL_TYPE == 1:
-        return d, tl.full(d.shape, 1.0, tl.float32)
+        return d, tl.full(d.shape, 1.0, d.dtype)
     elif KL_TYPE == 2:
         return 0.5 * d * d, d
     else:
@@ -101,7 +109,10 @@ def _kl_terms(logp, ref, KL_TYPE: tl.constexpr):
         s2 = s2 * x + 1.0 / 24
         s2 = s2 * x + 1.0 / 6
         s2 = s2 * x + 0.5
-        small = tl.abs(d) < 0.5
+        if d.dtype == tl.float64:
+            small = tl.abs(d) < 0.05
+        else:
+            small = tl.abs(d) < 0.5
         k3 = tl.where(small, d * d * s2, e + d - 1.0)
         dk3 = tl.where(small, d * (1.0 + x * s2), 1.0 - e)  # 1 - e^x = -x (1 + x * s2)
         return k3, dk3
@@ -117,7 +128,7 @@ def _degrpo_fwd_kernel(
     ref_ptr,
     ctrl_ptr,
     first_ptr,
-    stats_ptr,  # fp32 [B * n_blocks, NUM_STATS], out
+    stats_ptr,  # fp64 [B * n_blocks, NUM_STATS], out
     # shapes
     T,
     n_blocks,
@@ -137,6 +148,7 @@ def _degrpo_fwd_kernel(
     HAS_CONTROL_MASK: tl.constexpr,
     KL_TYPE: tl.constexpr,
     NUM_STATS: tl.constexpr,
+    COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -144,22 +156,22 @@ def _degrpo_fwd_kernel(
     t = block * BLOCK + tl.arange(0, BLOCK)
     resp, ctrl, logp, adv, ratio, unclipped, clipped = _token_terms(
         row, t, T, logp_ptr, old_ptr, adv_ptr, resp_ptr, ctrl_ptr, first_ptr, stride_logp, stride_old,
-        stride_adv_b, stride_adv_t, stride_resp, stride_ctrl, clip_low, clip_high, HAS_CONTROL_MASK,
+        stride_adv_b, stride_adv_t, stride_resp, stride_ctrl, clip_low, clip_high, HAS_CONTROL_MASK, COMPUTE,
     )  # fmt: skip
     rest = resp & ~ctrl
-    token_loss = tl.maximum(unclipped, clipped)
+    token_loss = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
     # Every sum selects with tl.where rather than multiplying by the mask: padding may hold -inf log-probs, and
     # 0 * inf is NaN.
     kl_sum = 0.0
     if HAS_REF:
-        ref = tl.load(ref_ptr + row * stride_ref + t, mask=t < T, other=0.0).to(tl.float32)
+        ref = tl.load(ref_ptr + row * stride_ref + t, mask=t < T, other=0.0).to(COMPUTE)
         kl, _ = _kl_terms(logp, ref, KL_TYPE)
         kl_sum = tl.sum(tl.where(resp, kl, 0.0))
 
     out = stats_ptr + (row * n_blocks + block) * NUM_STATS
     tl.store(out + 0, tl.sum(tl.where(ctrl, token_loss, 0.0)))
     tl.store(out + 1, tl.sum(tl.where(rest, token_loss, 0.0)))
-    tl.store(out + 2, tl.sum(ctrl.to(tl.float32)))
+    tl.store(out + 2, tl.sum(ctrl.to(tl.float32)))  # counts are exact in fp32 up to 2^24 per block
     tl.store(out + 3, tl.sum(rest.to(tl.float32)))
     tl.store(out + 4, tl.sum((resp & (clipped > unclipped)).to(tl.float32)))
     tl.store(out + 5, kl_sum)
@@ -177,7 +189,7 @@ def _degrpo_bwd_kernel(
     ref_ptr,
     ctrl_ptr,
     first_ptr,
-    weights_ptr,  # fp32 [3]: dL/d(token loss) of a control token, of another response token, dL/d(kl)
+    weights_ptr,  # [3] in COMPUTE: dL/d(token loss) of a control token, of another response token, dL/d(kl)
     # shapes
     T,
     # row strides (tokens are contiguous)
@@ -196,13 +208,14 @@ def _degrpo_bwd_kernel(
     HAS_KL: tl.constexpr,
     HAS_CONTROL_MASK: tl.constexpr,
     KL_TYPE: tl.constexpr,
+    COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     resp, ctrl, logp, adv, ratio, unclipped, clipped = _token_terms(
         row, t, T, logp_ptr, old_ptr, adv_ptr, resp_ptr, ctrl_ptr, first_ptr, stride_logp, stride_old,
-        stride_adv_b, stride_adv_t, stride_resp, stride_ctrl, clip_low, clip_high, HAS_CONTROL_MASK,
+        stride_adv_b, stride_adv_t, stride_resp, stride_ctrl, clip_low, clip_high, HAS_CONTROL_MASK, COMPUTE,
     )  # fmt: skip
     # d max(-A*r, -A*clip(r)) / d logp: the unclipped branch carries -A*r (dr/dlogp = r); a strictly larger
     # clipped branch is constant in logp. Ties go to the unclipped side, as torch.maximum + clamp give in sum.
@@ -211,7 +224,7 @@ def _degrpo_bwd_kernel(
     w_response = tl.load(weights_ptr + 1)
     grad = tl.where(ctrl, w_control * dtoken, tl.where(resp, w_response * dtoken, 0.0))
     if HAS_KL:
-        ref = tl.load(ref_ptr + row * stride_ref + t, mask=t < T, other=0.0).to(tl.float32)
+        ref = tl.load(ref_ptr + row * stride_ref + t, mask=t < T, other=0.0).to(COMPUTE)
         _, dkl = _kl_terms(logp, ref, KL_TYPE)
         grad += tl.where(resp, tl.load(weights_ptr + 2) * dkl, 0.0)
     tl.store(dlogp_ptr + row * stride_dlogp + t, grad.to(dlogp_ptr.dtype.element_ty), mask=t < T)
@@ -251,6 +264,11 @@ def _token_args(logp, old_logp, advantages, response_mask, ref_logp, control_mas
     return pointers, strides
 
 
+def _compute_dtype(logp: Tensor):
+    """fp32 arithmetic for fp32 and narrower log-probs; fp64 for fp64, so that float64 checks stay exact."""
+    return tl.float64 if logp.dtype == torch.float64 else tl.float32
+
+
 def _first_response_triton(response_mask: Tensor) -> Tensor:
     B, T = response_mask.shape
     first = torch.empty(B, dtype=torch.int32, device=response_mask.device)
@@ -265,7 +283,7 @@ def _forward_triton(logp, old_logp, advantages, response_mask, ref_logp, control
     """Seven batch totals, float64 [NUM_STATS] (see NUM_STATS for the order)."""
     B, T = logp.shape
     n_blocks = triton.cdiv(T, DEGRPO_LOSS.block)
-    stats = torch.zeros(B * n_blocks, NUM_STATS, dtype=torch.float32, device=logp.device)
+    stats = torch.zeros(B * n_blocks, NUM_STATS, dtype=torch.float64, device=logp.device)
     if B * T:
         (lp, old, adv, resp, ref, ctrl), strides = _token_args(
             logp, old_logp, advantages, response_mask, ref_logp, control_mask
@@ -280,10 +298,11 @@ def _forward_triton(logp, old_logp, advantages, response_mask, ref_logp, control
             HAS_CONTROL_MASK=control_mask is not None,
             KL_TYPE=KL_TYPES.index(p.kl_type) + 1,
             NUM_STATS=NUM_STATS,
+            COMPUTE=_compute_dtype(logp),
             BLOCK=DEGRPO_LOSS.block,
             num_warps=DEGRPO_LOSS.num_warps,
         )  # fmt: skip
-    return stats.sum(0, dtype=torch.float64)
+    return stats.sum(0)
 
 
 def _backward_triton(logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights, p):
@@ -303,6 +322,7 @@ def _backward_triton(logp, old_logp, advantages, response_mask, ref_logp, contro
         HAS_KL=ref_logp is not None and p.kl_coef != 0.0,
         HAS_CONTROL_MASK=control_mask is not None,
         KL_TYPE=KL_TYPES.index(p.kl_type) + 1,
+        COMPUTE=_compute_dtype(logp),
         BLOCK=DEGRPO_LOSS.block,
         num_warps=DEGRPO_LOSS.num_warps,
     )  # fmt: skip
@@ -357,7 +377,7 @@ class DeGRPOLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights = ctx.saved_tensors
-        weights = (weights * grad_loss).float().contiguous()
+        weights = (weights * grad_loss).to(torch.promote_types(logp.dtype, torch.float32)).contiguous()
         dlogp = _backward_triton(
             logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights, ctx.params
         )
@@ -439,6 +459,9 @@ def degrpo_loss(
     if params.kl_coef > 0 and ref_logp is None:
         raise ValueError("ref_logp is required when kl_coef > 0 (the KL term compares against the reference)")
     if select_backend(logp.device, backend) == "triton":
+        # Only logp is differentiated; the rest are constants of the step, exactly as in the reference.
+        old_logp, advantages = old_logp.detach(), advantages.detach()
+        ref_logp = ref_logp.detach() if ref_logp is not None else None
         loss, stats = DeGRPOLossFunction.apply(
             logp, old_logp, advantages, response_mask, ref_logp, control_mask, params
         )
