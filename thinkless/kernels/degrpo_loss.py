@@ -101,7 +101,8 @@ def _kl_terms(logp, ref, KL_TYPE: tl.constexpr):
         return 0.5 * d * d, d
     else:
         e = tl.exp(-d)
-        # Horner form of 1 - d/2 + d^2/6 - ... : dk3 = d * s1, and k3 = d^2 * s2 with s2 = 1/2 - d/6 + ...
+        # With x = -d: e^x - 1 - x = x^2 * s2, s2 = 1/2 + x/6 + x^2/24 + ... (Horner, highest term first), so
+        # k3 = d^2 * s2 and dk3 = 1 - e^x = d * (1 + x * s2).
         x = -d
         s2 = 1.0 / 40320 * x + 1.0 / 5040
         s2 = s2 * x + 1.0 / 720
@@ -114,7 +115,7 @@ def _kl_terms(logp, ref, KL_TYPE: tl.constexpr):
         else:
             small = tl.abs(d) < 0.5
         k3 = tl.where(small, d * d * s2, e + d - 1.0)
-        dk3 = tl.where(small, d * (1.0 + x * s2), 1.0 - e)  # 1 - e^x = -x (1 + x * s2)
+        dk3 = tl.where(small, d * (1.0 + x * s2), 1.0 - e)
         return k3, dk3
 
 
