@@ -4,7 +4,7 @@
 # extension against that torch instead of downloading another into a build environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install --quiet "torch==2.13.0" "setuptools>=64"
+python -m pip install --quiet "torch==2.13.0" "setuptools>=70.1"
 python -m pip install --quiet --no-build-isolation -e ".[test]"
 python -m ruff check .
 python -m ruff format --check .
