@@ -70,7 +70,10 @@ def _variants() -> list[Variant]:
             _config.FIRST_RESPONSE.num_warps,
         )
     )
-    # Every feature switch of the loss kernels, in fp32 and bf16 log-probs.
+    # Every feature switch of the loss kernels, in fp32, bf16 and fp64 log-probs.
+    row_strides = ["stride_logp", "stride_old", "stride_adv_b", "stride_adv_t", "stride_resp", "stride_ref"]
+    strides = {name: "i32" for name in [*row_strides, "stride_ctrl"]}
+    options = {"clip_low": "fp32", "clip_high": "fp32"}
     for dtype in ("fp32", "bf16", "fp64"):
         compute = tl.float64 if dtype == "fp64" else tl.float32
         for kl_type in (0, 1, 2, 3):  # 0: no reference log-probs
@@ -84,10 +87,6 @@ def _variants() -> list[Variant]:
                     "ctrl_ptr": "*u8",
                     "first_ptr": "*i32",
                 }
-                row_strides = ["stride_logp", "stride_old", "stride_adv_b", "stride_adv_t", "stride_resp"]
-                row_strides += ["stride_ref", "stride_ctrl"]
-                strides = {name: "i32" for name in row_strides}
-                options = {"clip_low": "fp32", "clip_high": "fp32"}
                 flags = {"HAS_CONTROL_MASK": has_control, "KL_TYPE": max(kl_type, 1)}
                 tag = f"{dtype},kl={kl_type},control_mask={has_control}"
                 fwd = {**tokens, "stats_ptr": "*fp64", "T": "i32", "n_blocks": "i32", **strides, **options}

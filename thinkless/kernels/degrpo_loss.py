@@ -270,62 +270,50 @@ def _compute_dtype(logp: Tensor):
     return tl.float64 if logp.dtype == torch.float64 else tl.float32
 
 
-def _first_response_triton(response_mask: Tensor) -> Tensor:
-    B, T = response_mask.shape
-    first = torch.empty(B, dtype=torch.int32, device=response_mask.device)
-    resp = _as_u8(response_mask)
+def _first_response_triton(resp: Tensor) -> Tensor:
+    """int32 [B]: index of each row's first response token (T for an empty row), from the u8 mask."""
+    B, T = resp.shape
+    first = torch.empty(B, dtype=torch.int32, device=resp.device)
     _first_response_kernel[(B,)](
         resp, first, T, resp.stride(0), BLOCK=FIRST_RESPONSE.block, num_warps=FIRST_RESPONSE.num_warps
     )
     return first
 
 
-def _forward_triton(logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, p):
+def _forward_triton(tokens, strides, first, p: DeGRPOParams, flags: dict, has_ref: bool) -> Tensor:
     """Seven batch totals, float64 [NUM_STATS] (see NUM_STATS for the order)."""
-    B, T = logp.shape
+    B, T = tokens[0].shape
     n_blocks = triton.cdiv(T, DEGRPO_LOSS.block)
-    stats = torch.zeros(B * n_blocks, NUM_STATS, dtype=torch.float64, device=logp.device)
+    stats = torch.zeros(B * n_blocks, NUM_STATS, dtype=torch.float64, device=tokens[0].device)
     if B * T:
-        (lp, old, adv, resp, ref, ctrl), strides = _token_args(
-            logp, old_logp, advantages, response_mask, ref_logp, control_mask
-        )
-        s_logp, s_old, s_adv_b, s_adv_t, s_resp, s_ref, s_ctrl = strides
         _degrpo_fwd_kernel[(B, n_blocks)](
-            lp, old, adv, resp, ref, ctrl, first, stats,
+            *tokens, first, stats,
             T, n_blocks,
-            s_logp, s_old, s_adv_b, s_adv_t, s_resp, s_ref, s_ctrl,
+            *strides,
             p.clip_low, p.clip_high,
-            HAS_REF=ref_logp is not None,
-            HAS_CONTROL_MASK=control_mask is not None,
-            KL_TYPE=KL_TYPES.index(p.kl_type) + 1,
+            HAS_REF=has_ref,
             NUM_STATS=NUM_STATS,
-            COMPUTE=_compute_dtype(logp),
             BLOCK=DEGRPO_LOSS.block,
             num_warps=DEGRPO_LOSS.num_warps,
+            **flags,
         )  # fmt: skip
     return stats.sum(0)
 
 
-def _backward_triton(logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights, p):
-    B, T = logp.shape
-    dlogp = torch.empty_like(logp, memory_format=torch.contiguous_format)
+def _backward_triton(tokens, strides, first, weights, p: DeGRPOParams, flags: dict, has_kl: bool) -> Tensor:
+    B, T = tokens[0].shape
+    dlogp = torch.empty_like(tokens[0], memory_format=torch.contiguous_format)
     if B * T == 0:
         return dlogp
-    (lp, old, adv, resp, ref, ctrl), strides = _token_args(
-        logp, old_logp, advantages, response_mask, ref_logp, control_mask
-    )
-    s_logp, s_old, s_adv_b, s_adv_t, s_resp, s_ref, s_ctrl = strides
     _degrpo_bwd_kernel[(B, triton.cdiv(T, DEGRPO_LOSS.block))](
-        dlogp, lp, old, adv, resp, ref, ctrl, first, weights,
+        dlogp, *tokens, first, weights,
         T,
-        dlogp.stride(0), s_logp, s_old, s_adv_b, s_adv_t, s_resp, s_ref, s_ctrl,
+        dlogp.stride(0), *strides,
         p.clip_low, p.clip_high,
-        HAS_KL=ref_logp is not None and p.kl_coef != 0.0,
-        HAS_CONTROL_MASK=control_mask is not None,
-        KL_TYPE=KL_TYPES.index(p.kl_type) + 1,
-        COMPUTE=_compute_dtype(logp),
+        HAS_KL=has_kl,
         BLOCK=DEGRPO_LOSS.block,
         num_warps=DEGRPO_LOSS.num_warps,
+        **flags,
     )  # fmt: skip
     return dlogp
 
@@ -365,11 +353,20 @@ class DeGRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, old_logp, advantages, response_mask, ref_logp, control_mask, params: DeGRPOParams):
-        first = _first_response_triton(response_mask) if control_mask is None else response_mask
-        totals = _forward_triton(logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, params)
+        # The kernel views are made once here and saved, so the backward neither copies nor converts again.
+        tokens, strides = _token_args(logp, old_logp, advantages, response_mask, ref_logp, control_mask)
+        flags = dict(
+            HAS_CONTROL_MASK=control_mask is not None,
+            KL_TYPE=KL_TYPES.index(params.kl_type) + 1,
+            COMPUTE=_compute_dtype(logp),
+        )
+        resp = tokens[3]
+        first = _first_response_triton(resp) if control_mask is None else resp  # placeholder with a control mask
+        totals = _forward_triton(tokens, strides, first, params, flags, has_ref=ref_logp is not None)
         loss, stats, weights = _loss_from_totals(totals, params)
-        ctx.save_for_backward(logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights)
-        ctx.params = params
+        ctx.save_for_backward(*tokens, first, weights)
+        ctx.strides, ctx.flags, ctx.params = strides, flags, params
+        ctx.has_kl = ref_logp is not None and params.kl_coef != 0.0
         out_dtype = torch.promote_types(logp.dtype, torch.float32)
         stats = stats.to(out_dtype)
         ctx.mark_non_differentiable(stats)
@@ -377,11 +374,9 @@ class DeGRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights = ctx.saved_tensors
-        weights = (weights * grad_loss).to(torch.promote_types(logp.dtype, torch.float32)).contiguous()
-        dlogp = _backward_triton(
-            logp, old_logp, advantages, response_mask, ref_logp, control_mask, first, weights, ctx.params
-        )
+        *tokens, first, weights = ctx.saved_tensors
+        weights = (weights * grad_loss).to(torch.promote_types(tokens[0].dtype, torch.float32)).contiguous()
+        dlogp = _backward_triton(tokens, ctx.strides, first, weights, ctx.params, ctx.flags, ctx.has_kl)
         return dlogp, None, None, None, None, None, None
 
 
