@@ -1,4 +1,4 @@
-"""thinkless kernels: group advantages and the DeGRPO loss, on Triton (CUDA), native C++ (CPU) or torch.
+"""thinkless kernels: group advantages, the DeGRPO loss and its fused lm_head version, on Triton (CUDA), native C++ (CPU) or torch.
 
 Every public function checks its inputs, then dispatches on the device of its tensors: CUDA goes to Triton, CPU
 to the compiled extension when it is built and to the torch reference otherwise. `THINKLESS_BACKEND` or the
@@ -9,5 +9,15 @@ from thinkless.kernels import reference
 from thinkless.kernels._backend import BACKENDS, select_backend
 from thinkless.kernels.advantages import group_advantages
 from thinkless.kernels.degrpo_loss import DeGRPOParams, degrpo_loss
+from thinkless.kernels.fused_linear import fused_linear_degrpo_loss, token_logprobs
 
-__all__ = ["BACKENDS", "DeGRPOParams", "degrpo_loss", "group_advantages", "reference", "select_backend"]
+__all__ = [
+    "BACKENDS",
+    "DeGRPOParams",
+    "degrpo_loss",
+    "fused_linear_degrpo_loss",
+    "group_advantages",
+    "reference",
+    "select_backend",
+    "token_logprobs",
+]

@@ -114,6 +114,35 @@ def _variants() -> list[Variant]:
                         _config.DEGRPO_LOSS.num_warps,
                     )
                 )
+    # Fused linear loss row kernels: logits in fp32, bf16 or fp64 (their compute dtype fp32, fp32, fp64).
+    fused_linear = importlib.import_module("thinkless.kernels.fused_linear")
+    for dtype in ("fp32", "bf16", "fp64"):
+        compute, acc = (tl.float64, "fp64") if dtype == "fp64" else (tl.float32, "fp32")
+        for entropy in (False, True):
+            stats = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "lse_ptr": f"*{acc}", "logp_ptr": f"*{acc}"}
+            stats.update({"entropy_ptr": f"*{acc}", "V": "i32", "stride_row": "i64", "inv_temp": "fp32"})
+            flags = {"HAS_ENTROPY": entropy, "COMPUTE": compute, "BLOCK_V": _config.ROW_STATS.block}
+            out.append(
+                Variant(
+                    f"row_stats[{dtype},entropy={entropy}]",
+                    fused_linear._row_stats_kernel,
+                    {**stats, **{k: "constexpr" for k in flags}},
+                    flags,
+                    _config.ROW_STATS.num_warps,
+                )
+            )
+        grad = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "lse_ptr": f"*{acc}", "grad_ptr": f"*{acc}"}
+        grad.update({"V": "i32", "stride_row": "i64", "inv_temp": "fp32"})
+        flags = {"COMPUTE": compute, "BLOCK_V": _config.ROW_GRAD.block}
+        out.append(
+            Variant(
+                f"row_grad[{dtype}]",
+                fused_linear._row_grad_kernel,
+                {**grad, **{k: "constexpr" for k in flags}},
+                flags,
+                _config.ROW_GRAD.num_warps,
+            )
+        )
     return out
 
 

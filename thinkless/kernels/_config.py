@@ -23,3 +23,10 @@ DEGRPO_LOSS = LaunchConfig(block=1024, num_warps=4)
 
 # First response token of each row: one program per row scanning the mask.
 FIRST_RESPONSE = LaunchConfig(block=1024, num_warps=4)
+
+# Fused linear loss, row statistics: one program per row walks the vocabulary with an online logsumexp; 4096
+# elements per trip keeps 16 fp32 values per thread in flight at 8 warps.
+ROW_STATS = LaunchConfig(block=4096, num_warps=8)
+
+# Fused linear loss, row gradient: the logsumexp is known, so every [row, vocabulary block] is its own program.
+ROW_GRAD = LaunchConfig(block=4096, num_warps=8)

@@ -326,13 +326,11 @@ def _loss_from_totals(totals: Tensor, p: DeGRPOParams) -> tuple[Tensor, Tensor, 
     control_sum, response_sum, n_control, n_response, n_clipped, kl_sum, ratio_sum = totals.unbind()
     n_all = n_control + n_response
     per_control, per_response, per_token = (1 / n.clamp(min=1) for n in (n_control, n_response, n_all))
-    if p.decoupled:
-        w_control, w_response = p.alpha * per_control, per_response
-    else:
-        w_control = w_response = per_token
+    weights = loss_weights(n_control, n_response, p)
+    w_control, w_response, w_kl = weights.unbind()
     loss = w_control * control_sum + w_response * response_sum
     if p.kl_coef != 0.0:  # skipped when off, so an infinite estimate on a stray token cannot turn 0 * inf to NaN
-        loss = loss + p.kl_coef * kl_sum * per_token
+        loss = loss + w_kl * kl_sum
     stats = torch.stack(
         (
             control_sum * per_control,
@@ -344,8 +342,21 @@ def _loss_from_totals(totals: Tensor, p: DeGRPOParams) -> tuple[Tensor, Tensor, 
             n_all,
         )
     )
-    weights = torch.stack((w_control, w_response, p.kl_coef * per_token))
     return loss, stats, weights
+
+
+def loss_weights(n_control: Tensor, n_response: Tensor, p: DeGRPOParams) -> Tensor:
+    """[3]: dL/d(token loss) of a control token, of another response token, and dL/d(token KL).
+
+    The loss is a weighted sum of per-token terms whose weights depend only on token counts, which the masks give
+    before any log-prob is known; that is what lets the fused linear loss finish each chunk's gradient at once.
+    """
+    per_control, per_response, per_token = (1 / n.clamp(min=1) for n in (n_control, n_response, n_control + n_response))
+    if p.decoupled:
+        w_control, w_response = p.alpha * per_control, per_response
+    else:
+        w_control = w_response = per_token
+    return torch.stack((w_control, w_response, p.kl_coef * per_token))
 
 
 class DeGRPOLossFunction(torch.autograd.Function):
@@ -384,26 +395,50 @@ def _check_inputs(logp, old_logp, advantages, response_mask, ref_logp, control_m
     logp = _checks.floating("logp", logp)
     if logp.dim() != 2:
         raise ValueError(f"logp must be 2-D [B, T], got shape {tuple(logp.shape)}")
-    shape, device = logp.shape, logp.device
+    return (
+        logp,
+        *check_token_inputs(
+            logp.shape, logp.device, "logp", old_logp, advantages, response_mask, ref_logp, control_mask
+        ),
+    )
+
+
+def check_token_inputs(shape, device, like: str, old_logp, advantages, response_mask, ref_logp, control_mask):
+    """The per-token constants of the loss, checked against the [B, T] shape and the device of `like`."""
     old_logp = _checks.floating("old_logp", old_logp)
-    _checks.same_shape("old_logp", old_logp, shape, "logp")
+    _checks.same_shape("old_logp", old_logp, shape, like)
     advantages = _checks.floating("advantages", advantages)
     if advantages.shape not in (shape, shape[:1]):
         raise ValueError(
             f"advantages has shape {tuple(advantages.shape)}, expected [B]={tuple(shape[:1])} or [B, T]={tuple(shape)}"
         )
     response_mask = _checks.mask("response_mask", response_mask)
-    _checks.same_shape("response_mask", response_mask, shape, "logp")
+    _checks.same_shape("response_mask", response_mask, shape, like)
     named = {"old_logp": old_logp, "advantages": advantages, "response_mask": response_mask}
     if ref_logp is not None:
         ref_logp = named["ref_logp"] = _checks.floating("ref_logp", ref_logp)
-        _checks.same_shape("ref_logp", ref_logp, shape, "logp")
+        _checks.same_shape("ref_logp", ref_logp, shape, like)
     if control_mask is not None:
         control_mask = named["control_mask"] = _checks.mask("control_mask", control_mask)
-        _checks.same_shape("control_mask", control_mask, shape, "logp")
+        _checks.same_shape("control_mask", control_mask, shape, like)
     for name, value in named.items():
-        _checks.same_device(name, value, device, "logp")
-    return logp, old_logp, advantages, response_mask, ref_logp, control_mask
+        _checks.same_device(name, value, device, like)
+    return old_logp, advantages, response_mask, ref_logp, control_mask
+
+
+def make_params(alpha, clip_low, clip_high, kl_coef, kl_type, decoupled, has_ref: bool) -> DeGRPOParams:
+    """The checked options of the loss; kl_coef > 0 needs reference log-probs."""
+    params = DeGRPOParams(
+        alpha=_checks.number("alpha", alpha, low=0.0),
+        clip_low=_checks.number("clip_low", clip_low, low=0.0),
+        clip_high=_checks.number("clip_high", clip_high, low=0.0),
+        kl_coef=_checks.number("kl_coef", kl_coef, low=0.0),
+        kl_type=_checks.choice("kl_type", kl_type, KL_TYPES),
+        decoupled=bool(decoupled),
+    )
+    if params.kl_coef > 0 and not has_ref:
+        raise ValueError("ref_logp is required when kl_coef > 0 (the KL term compares against the reference)")
+    return params
 
 
 def degrpo_loss(
@@ -444,16 +479,7 @@ def degrpo_loss(
     logp, old_logp, advantages, response_mask, ref_logp, control_mask = _check_inputs(
         logp, old_logp, advantages, response_mask, ref_logp, control_mask
     )
-    params = DeGRPOParams(
-        alpha=_checks.number("alpha", alpha, low=0.0),
-        clip_low=_checks.number("clip_low", clip_low, low=0.0),
-        clip_high=_checks.number("clip_high", clip_high, low=0.0),
-        kl_coef=_checks.number("kl_coef", kl_coef, low=0.0),
-        kl_type=_checks.choice("kl_type", kl_type, KL_TYPES),
-        decoupled=bool(decoupled),
-    )
-    if params.kl_coef > 0 and ref_logp is None:
-        raise ValueError("ref_logp is required when kl_coef > 0 (the KL term compares against the reference)")
+    params = make_params(alpha, clip_low, clip_high, kl_coef, kl_type, decoupled, ref_logp is not None)
     if select_backend(logp.device, backend) == "triton":
         # Only logp is differentiated; the rest are constants of the step, exactly as in the reference.
         old_logp, advantages = old_logp.detach(), advantages.detach()

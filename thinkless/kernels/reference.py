@@ -12,7 +12,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["group_advantages", "degrpo_loss", "first_response_token_mask", "kl_penalty", "STAT_NAMES"]
+__all__ = [
+    "group_advantages",
+    "degrpo_loss",
+    "first_response_token_mask",
+    "kl_penalty",
+    "STAT_NAMES",
+    "token_logprobs",
+    "fused_linear_degrpo_loss",
+]
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, *, normalize_std: bool = False, eps: float = 1e-6) -> Tensor:
@@ -140,3 +148,44 @@ def degrpo_loss(
         "response_tokens": response_mask.sum().to(dtype),
     }
     return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+def token_logprobs(
+    hidden: Tensor, weight: Tensor, target_ids: Tensor, *, bias: Tensor | None = None, temperature: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """(log-prob of each target token, entropy of each token's distribution), from the materialised logits.
+
+    logits = (hidden @ weight^T + bias) / temperature, formed in the inputs' dtype as a model's lm_head would, then
+    taken to at least float32 for the softmax. This is the [tokens x vocab] tensor the fused kernels never build.
+    """
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    logp = log_probs.gather(-1, target_ids.long().unsqueeze(-1)).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    return logp, entropy
+
+
+def fused_linear_degrpo_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target_ids: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    **options,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """`degrpo_loss` on logp = log_softmax(hidden @ weight^T / temperature)[target], through the full logits.
+
+    The metrics add the mean entropy over response tokens and the detached log-probs [B, T].
+    """
+    logp, entropy = token_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature)
+    loss, metrics = degrpo_loss(logp, old_logp, advantages, response_mask, **options)
+    metrics["entropy"] = _masked_mean(entropy, response_mask.bool()).detach()
+    metrics["logp"] = logp.detach()
+    return loss, metrics
