@@ -1,0 +1,272 @@
+"""fused_linear_degrpo_loss and token_logprobs against the materialised float64 reference, on every backend."""
+
+import cases
+import pytest
+import torch
+from conftest import backend_params
+
+from thinkless.kernels import degrpo_loss, fused_linear_degrpo_loss, reference, token_logprobs
+
+H = 32
+
+
+def _inputs(B, T, V, *, seed, kl=False, bias=False):
+    """Hidden states and an lm_head whose logits spread over a few units, as a trained model's do; old and
+    reference log-probs near the true ones (ratio ~ 1, some tokens clipped); a mask with empty, padded and holed
+    rows; advantages of one sign, so that the loss is a sum without cancellation and its relative error means
+    something."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64) * 0.4
+    b = torch.randn(V, generator=gen, dtype=torch.float64) * 0.5 if bias else None
+    targets = torch.randint(0, V, (B, T), generator=gen)
+    true_logp, _ = reference.token_logprobs(hidden, weight, targets, bias=b, temperature=0.6)
+    old = true_logp + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.15
+    ref = true_logp + torch.randn(B, T, generator=gen, dtype=torch.float64) * 0.3
+    sign = -1.0 if kl else 1.0  # with a KL term (>= 0) the policy part is made positive too
+    advantages = sign * (torch.rand(B, generator=gen, dtype=torch.float64) + 0.5)
+    mask = cases.response_mask(B, T, gen)
+    mask[0, 0] = True  # at least one response token
+    return hidden, weight, b, targets, old.float(), advantages.float(), mask, ref.float()
+
+
+def _run(fn, hidden, weight, bias, targets, old, adv, mask, ref, dtype, opts, **kw):
+    leaf = lambda x: x.detach().to(dtype).clone().requires_grad_(True)  # noqa: E731
+    h, w = leaf(hidden), leaf(weight)
+    b = leaf(bias) if bias is not None else None
+    loss, metrics = fn(h, w, targets, old, adv, mask, bias=b, ref_logp=ref, **opts, **kw)
+    loss.backward()
+    grads = [h.grad, w.grad] + ([b.grad] if b is not None else [])
+    return loss.detach(), metrics, grads
+
+
+OPTIONS = {
+    "degrpo_t0.6": dict(temperature=0.6, alpha=1e-3),
+    "kl_k3_bias_t0.6": dict(temperature=0.6, kl_coef=0.2, kl_type="k3", alpha=0.5, clip_low=0.1, clip_high=0.28),
+    "grpo_t1": dict(temperature=1.0, decoupled=False, kl_coef=0.05, kl_type="k1"),
+}
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("V", [257, 5003, 32000])
+@pytest.mark.parametrize("T", [1, 130])
+@pytest.mark.parametrize("option", OPTIONS.keys())
+def test_fp32_matches_float64_reference(backend, V, T, option):
+    if V == 32000 and option != "kl_k3_bias_t0.6" and backend != "torch":
+        pytest.skip("the interpreter is slow at V=32000: one option set covers it on the Triton path")
+    opts = OPTIONS[option]
+    kl = "kl_type" in opts
+    data = _inputs(3, T, V, seed=V + T, kl=kl, bias="bias" in option)
+    ref_data = (*data[:7], data[7] if kl else None)
+    truth_loss, truth_metrics, truth_grads = _run(reference.fused_linear_degrpo_loss, *ref_data, torch.float64, opts)
+    loss, metrics, grads = _run(
+        fused_linear_degrpo_loss, *ref_data, torch.float32, opts, backend=backend, chunk_size=37 if T > 1 else None
+    )
+    assert loss.dtype == torch.float32
+    assert cases.rel_err(loss, truth_loss) < 1e-4
+    assert len(grads) == len(truth_grads) == (3 if "bias" in option else 2)
+    for name, grad, truth in zip(("hidden", "weight", "bias"), grads, truth_grads):
+        assert grad.dtype == torch.float32
+        assert cases.rel_err(grad, truth) < 1e-4, name
+    mask = data[6]
+    assert cases.rel_err(metrics["logp"][mask], truth_metrics["logp"][mask]) < 1e-5
+    for key in ("control_loss", "response_loss", "kl", "ratio_mean", "entropy"):
+        assert abs(metrics[key].item() - truth_metrics[key].item()) <= 1e-4 * (1 + abs(truth_metrics[key].item())), key
+    for key in ("control_tokens", "response_tokens"):
+        assert metrics[key].item() == truth_metrics[key].item()
+
+
+def _torch_bf16_path(hidden, weight, bias, targets, old, adv, mask, ref, opts):
+    """What a user gets from torch in bf16: the lm_head GEMM in bf16, the softmax in fp32, autograd back."""
+    return _run(
+        reference.fused_linear_degrpo_loss, hidden, weight, bias, targets, old, adv, mask, ref, torch.bfloat16, opts
+    )
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("V", [257, 5003])
+def test_bf16_no_worse_than_torch_bf16(backend, V):
+    opts = OPTIONS["kl_k3_bias_t0.6"]
+    data = _inputs(4, 60, V, seed=V, kl=True, bias=True)
+    # The truth is float64 arithmetic on the bf16 values both paths are given, so that only their arithmetic differs.
+    data = tuple(x.to(torch.bfloat16).double() if i < 3 else x for i, x in enumerate(data))
+    truth_loss, _, truth_grads = _run(reference.fused_linear_degrpo_loss, *data, torch.float64, opts)
+    torch_loss, _, torch_grads = _torch_bf16_path(*data, opts)
+    loss, metrics, grads = _run(fused_linear_degrpo_loss, *data, torch.bfloat16, opts, backend=backend, chunk_size=50)
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 3
+    # A hair of slack: where both paths round the same bf16 logits, their errors are equal up to noise.
+    slack = 1.02
+    assert cases.rel_err(loss, truth_loss) <= slack * cases.rel_err(torch_loss, truth_loss) + 1e-6
+    for name, grad, torch_grad, truth in zip(("hidden", "weight", "bias"), grads, torch_grads, truth_grads):
+        assert cases.rel_err(grad, truth) <= slack * cases.rel_err(torch_grad, truth), name
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_float64_is_exact(backend):
+    opts = OPTIONS["kl_k3_bias_t0.6"]
+    data = _inputs(3, 20, 300, seed=3, kl=True, bias=True)
+    truth_loss, _, truth_grads = _run(reference.fused_linear_degrpo_loss, *data, torch.float64, opts)
+    loss, metrics, grads = _run(fused_linear_degrpo_loss, *data, torch.float64, opts, backend=backend, chunk_size=16)
+    assert loss.dtype == torch.float64 and metrics["logp"].dtype == torch.float64
+    assert cases.rel_err(loss, truth_loss) < 1e-12
+    for grad, truth in zip(grads, truth_grads, strict=True):
+        assert cases.rel_err(grad, truth) < 1e-12
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_metrics_are_degrpo_loss_on_the_logprobs(backend):
+    """The loss and metrics equal degrpo_loss on the returned log-probs; those equal token_logprobs everywhere."""
+    opts = dict(temperature=0.6, kl_coef=0.1, kl_type="k2", alpha=0.3)
+    hidden, weight, bias, targets, old, adv, mask, ref = _inputs(4, 25, 400, seed=11, kl=True, bias=True)
+    h, w, b = hidden.float(), weight.float(), bias.float()
+    loss, metrics = fused_linear_degrpo_loss(
+        h, w, targets, old, adv, mask, bias=b, ref_logp=ref, backend=backend, **opts
+    )
+    logp, entropy = token_logprobs(h, w, targets, bias=b, temperature=0.6, return_entropy=True, backend=backend)
+    torch.testing.assert_close(metrics["logp"], logp, rtol=1e-5, atol=1e-5)  # every position, masked or not
+    torch.testing.assert_close(metrics["entropy"], entropy[mask].mean(), rtol=1e-5, atol=1e-6)
+    opts.pop("temperature")
+    direct_loss, direct = degrpo_loss(logp, old, adv, mask, ref_logp=ref, backend=backend, **opts)
+    torch.testing.assert_close(loss, direct_loss, rtol=1e-5, atol=1e-7)
+    for key, value in direct.items():
+        torch.testing.assert_close(metrics[key], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("shape", [(7,), (2, 9), (2, 3, 5)], ids=str)
+@pytest.mark.parametrize("chunk_size", [None, 1, 4])
+def test_token_logprobs(backend, shape, chunk_size):
+    gen = torch.Generator().manual_seed(len(shape) * 10 + (chunk_size or 0))
+    V = 1000
+    hidden = torch.randn(*shape, H, generator=gen, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=gen, dtype=torch.float64) * 0.5
+    targets = torch.randint(0, V, shape, generator=gen)
+    truth, truth_entropy = reference.token_logprobs(hidden, weight, targets, temperature=0.7)
+    logp = token_logprobs(
+        hidden.float(), weight.float(), targets, temperature=0.7, chunk_size=chunk_size, backend=backend
+    )
+    assert logp.shape == shape and logp.dtype == torch.float32 and not logp.requires_grad
+    assert cases.rel_err(logp, truth) < 1e-5
+    logp2, entropy = token_logprobs(
+        hidden.float(),
+        weight.float(),
+        targets,
+        temperature=0.7,
+        chunk_size=chunk_size,
+        return_entropy=True,
+        backend=backend,
+    )
+    torch.testing.assert_close(logp2, logp)
+    assert cases.rel_err(entropy, truth_entropy) < 1e-5
+
+
+def test_token_logprobs_ignores_autograd():
+    hidden = torch.randn(2, 5, H, requires_grad=True)
+    weight = torch.randn(50, H, requires_grad=True)
+    logp = token_logprobs(hidden, weight, torch.randint(0, 50, (2, 5)))
+    assert not logp.requires_grad
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_gradient_scales_and_flows_through_the_model(backend):
+    """2 * loss doubles the gradients; hidden made by an upstream layer gets its gradient through it; inputs
+    that need no gradient get none."""
+    data = _inputs(3, 16, 200, seed=5)
+    hidden, weight, _, targets, old, adv, mask, _ = data
+    x = hidden.float().clone().requires_grad_(True)
+    layer = torch.nn.Linear(H, H).double().float()
+    w = weight.float().requires_grad_(True)
+    loss, _ = fused_linear_degrpo_loss(layer(x), w, targets, old, adv, mask, backend=backend)
+    (2 * loss).backward()
+    x_ref = hidden.double().clone().requires_grad_(True)
+    w_ref = weight.detach().clone().requires_grad_(True)
+    layer_ref = torch.nn.Linear(H, H).double()
+    layer_ref.load_state_dict(layer.state_dict())
+    loss_ref, _ = reference.fused_linear_degrpo_loss(layer_ref(x_ref), w_ref, targets, old, adv, mask)
+    (2 * loss_ref).backward()
+    assert cases.rel_err(x.grad, x_ref.grad) < 1e-4
+    assert cases.rel_err(w.grad, w_ref.grad) < 1e-4
+    assert cases.rel_err(layer.weight.grad, layer_ref.weight.grad) < 1e-4
+
+    frozen_w = weight.float()  # no requires_grad: only hidden gets a gradient
+    h = hidden.float().requires_grad_(True)
+    loss, _ = fused_linear_degrpo_loss(h, frozen_w, targets, old, adv, mask, backend=backend)
+    loss.backward()
+    assert h.grad is not None and frozen_w.grad is None
+    with torch.no_grad():
+        loss, _ = fused_linear_degrpo_loss(h, w, targets, old, adv, mask, backend=backend)
+    assert not loss.requires_grad
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_chunk_size_does_not_change_the_result(backend):
+    data = _inputs(2, 40, 300, seed=9)
+    hidden, weight, _, targets, old, adv, mask, _ = data
+    results = []
+    for chunk in (1, 13, 80, None):
+        loss, metrics, grads = _run(
+            fused_linear_degrpo_loss, hidden, weight, None, targets, old, adv, mask, None, torch.float32, {},
+            backend=backend, chunk_size=chunk,
+        )  # fmt: skip
+        results.append((loss, metrics["logp"], *grads))
+    for other in results[1:]:
+        for a, b in zip(results[0], other, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_targets_off_the_mask_may_be_anything(backend):
+    """Padding often holds -100 or a pad id past the vocabulary; off the response mask it is ignored."""
+    hidden, weight, _, targets, old, adv, mask, _ = _inputs(3, 12, 100, seed=2)
+    bad = targets.masked_fill(~mask, -100)
+    bad[~mask & (torch.arange(12) % 2 == 0)] = 100  # = V, one past the end
+    h = hidden.float().requires_grad_(True)
+    loss, metrics = fused_linear_degrpo_loss(h, weight.float(), bad, old, adv, mask, backend=backend)
+    loss.backward()
+    truth, _, (truth_grad, _) = _run(
+        reference.fused_linear_degrpo_loss, hidden, weight, None, targets, old, adv, mask, None, torch.float64, {}
+    )
+    assert cases.rel_err(loss, truth) < 1e-4 and cases.rel_err(h.grad, truth_grad) < 1e-4
+    assert (metrics["logp"][~mask] == 0).all()
+    with pytest.raises(ValueError, match=r"target_ids\[0, 0\] = 100 on a response token is outside the vocabulary"):
+        fused_linear_degrpo_loss(h, weight.float(), bad.masked_fill(mask, 100), old, adv, mask, backend=backend)
+
+
+def _good():
+    hidden, weight, _, targets, old, adv, mask, _ = _inputs(2, 6, 50, seed=1)
+    return dict(
+        hidden=hidden.float(),
+        weight=weight.float(),
+        target_ids=targets,
+        old_logp=old,
+        advantages=adv,
+        response_mask=mask,
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(weight=torch.randn(50, H + 1)), r"last dimension of hidden must be H"),
+        (dict(weight=torch.randn(50, H).double()), r"hidden is torch.float32 but weight is torch.float64"),
+        (dict(weight=torch.randn(50)), r"weight must be the lm_head weight, 2-D \[V, H\]"),
+        (dict(hidden=torch.randn(12, H)), r"target_ids has shape \(2, 6\), expected \(12,\)"),
+        (dict(target_ids=torch.zeros(2, 6)), r"target_ids must be an integer tensor"),
+        (dict(old_logp=torch.zeros(2, 5)), r"old_logp has shape \(2, 5\), expected \(2, 6\)"),
+        (dict(bias=torch.zeros(49)), r"bias has shape \(49,\), expected \(50,\)"),
+        (dict(temperature=0.0), r"temperature must be > 0"),
+        (dict(chunk_size=0), r"chunk_size must be a positive int"),
+        (dict(kl_coef=0.1), r"ref_logp is required when kl_coef > 0"),
+    ],
+)
+def test_bad_input_names_the_problem(change, message):
+    args = {**_good(), **change}
+    with pytest.raises(ValueError, match=message):
+        fused_linear_degrpo_loss(**args)
+
+
+def test_token_logprobs_bad_target_is_named():
+    with pytest.raises(ValueError, match=r"target_ids\[1, 2\] = 50 is outside the vocabulary \[0, 50\)"):
+        targets = torch.zeros(2, 3, dtype=torch.long)
+        targets[1, 2] = 50
+        token_logprobs(torch.randn(2, 3, H), torch.randn(50, H), targets)
