@@ -65,7 +65,7 @@ def test_fp32_matches_float64_reference(backend, V, T, option):
     assert loss.dtype == torch.float32
     assert cases.rel_err(loss, truth_loss) < 1e-4
     assert len(grads) == len(truth_grads) == (3 if "bias" in option else 2)
-    for name, grad, truth in zip(("hidden", "weight", "bias"), grads, truth_grads):
+    for name, grad, truth in zip(("hidden", "weight", "bias")[: len(grads)], grads, truth_grads, strict=True):
         assert grad.dtype == torch.float32
         assert cases.rel_err(grad, truth) < 1e-4, name
     mask = data[6]
@@ -97,7 +97,9 @@ def test_bf16_no_worse_than_torch_bf16(backend, V):
     # A hair of slack: where both paths round the same bf16 logits, their errors are equal up to noise.
     slack = 1.02
     assert cases.rel_err(loss, truth_loss) <= slack * cases.rel_err(torch_loss, truth_loss) + 1e-6
-    for name, grad, torch_grad, truth in zip(("hidden", "weight", "bias"), grads, torch_grads, truth_grads):
+    for name, grad, torch_grad, truth in zip(
+        ("hidden", "weight", "bias"), grads, torch_grads, truth_grads, strict=True
+    ):
         assert cases.rel_err(grad, truth) <= slack * cases.rel_err(torch_grad, truth), name
 
 

@@ -1,4 +1,4 @@
-"""thinkless kernels: group advantages, the DeGRPO loss and its fused lm_head version, on Triton (CUDA), native C++ (CPU) or torch.
+"""thinkless kernels: group advantages, the DeGRPO loss and its fused lm_head form; Triton, native C++ or torch.
 
 Every public function checks its inputs, then dispatches on the device of its tensors: CUDA goes to Triton, CPU
 to the compiled extension when it is built and to the torch reference otherwise. `THINKLESS_BACKEND` or the
