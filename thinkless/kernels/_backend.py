@@ -7,12 +7,11 @@ the kernels on machines without a GPU.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import os
 
 import torch
 
+from thinkless.kernels._native import load as native_extension
 from thinkless.kernels._triton_utils import HAS_TRITON
 
 BACKENDS = ("triton", "cpp", "torch")
@@ -20,15 +19,6 @@ BACKENDS = ("triton", "cpp", "torch")
 
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def native_extension():
-    """The compiled `thinkless._C` module, or None when it was not built (then CPU tensors use torch)."""
-    try:
-        return importlib.import_module("thinkless._C")
-    except ImportError:
-        return None
 
 
 def select_backend(device: torch.device, backend: str | None = None) -> str:
@@ -52,5 +42,5 @@ def select_backend(device: torch.device, backend: str | None = None) -> str:
                 "Set TRITON_INTERPRET=1 (before importing thinkless) to run the kernels in the interpreter."
             )
     if name == "cpp" and (device.type != "cpu" or native_extension() is None):
-        return "torch"
+        return "torch"  # the native kernels are CPU-only; native_extension() warned once if it is missing
     return name

@@ -124,6 +124,10 @@ def group_advantages(
         raise ValueError(
             f"eps must be > 0 with normalize_std: a group whose rewards are all equal has std 0 (got {eps})"
         )
-    if select_backend(rewards.device, backend) == "triton":
+    name = select_backend(rewards.device, backend)
+    if name == "triton":
         return _group_advantages_triton(rewards, group_ids, bool(normalize_std), eps)
+    if name == "cpp":
+        rewards = rewards if rewards.dtype in (torch.float32, torch.float64) else rewards.float()
+        return torch.ops.thinkless.group_advantages(rewards, group_ids.long(), bool(normalize_std), eps)
     return reference.group_advantages(rewards, group_ids, normalize_std=bool(normalize_std), eps=eps)

@@ -391,6 +391,39 @@ class DeGRPOLossFunction(torch.autograd.Function):
         return dlogp, None, None, None, None, None, None
 
 
+class DeGRPOLossNativeFunction(torch.autograd.Function):
+    """Autograd wrapper of the native CPU ops (`torch.ops.thinkless.degrpo_*`); only `logp` receives a gradient."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, advantages, response_mask, ref_logp, control_mask, params: DeGRPOParams):
+        # The ops take float32 or float64, one dtype for all, tokens contiguous within rows.
+        compute = torch.float64 if logp.dtype == torch.float64 else torch.float32
+        as_rows = lambda x: _rows(x.to(compute)) if x is not None else None
+        tokens = (as_rows(logp), as_rows(old_logp), advantages.to(compute).contiguous(), _rows(response_mask))
+        tokens += (as_rows(ref_logp), _rows(control_mask) if control_mask is not None else None)
+        kl_type = KL_TYPES.index(params.kl_type) + 1
+        totals = torch.ops.thinkless.degrpo_forward(*tokens, params.clip_low, params.clip_high, kl_type)
+        loss, stats, weights = _loss_from_totals(totals, params)
+        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in tokens), weights)
+        ctx.present = tuple(x is not None for x in tokens)
+        ctx.params, ctx.kl_type, ctx.logp_dtype = params, kl_type, logp.dtype
+        out_dtype = torch.promote_types(logp.dtype, torch.float32)
+        stats = stats.to(out_dtype)
+        ctx.mark_non_differentiable(stats)
+        return loss.to(out_dtype), stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        *tokens, weights = ctx.saved_tensors
+        tokens = [x if present else None for x, present in zip(tokens, ctx.present, strict=True)]
+        p = ctx.params
+        has_kl = tokens[4] is not None and p.kl_coef != 0.0
+        dlogp = torch.ops.thinkless.degrpo_backward(
+            *tokens, weights * grad_loss.to(weights.dtype), p.clip_low, p.clip_high, ctx.kl_type, has_kl
+        )
+        return dlogp.to(ctx.logp_dtype), None, None, None, None, None, None
+
+
 def _check_inputs(logp, old_logp, advantages, response_mask, ref_logp, control_mask):
     logp = _checks.floating("logp", logp)
     if logp.dim() != 2:
@@ -480,13 +513,13 @@ def degrpo_loss(
         logp, old_logp, advantages, response_mask, ref_logp, control_mask
     )
     params = make_params(alpha, clip_low, clip_high, kl_coef, kl_type, decoupled, ref_logp is not None)
-    if select_backend(logp.device, backend) == "triton":
+    name = select_backend(logp.device, backend)
+    if name in ("triton", "cpp"):
         # Only logp is differentiated; the rest are constants of the step, exactly as in the reference.
         old_logp, advantages = old_logp.detach(), advantages.detach()
         ref_logp = ref_logp.detach() if ref_logp is not None else None
-        loss, stats = DeGRPOLossFunction.apply(
-            logp, old_logp, advantages, response_mask, ref_logp, control_mask, params
-        )
+        function = DeGRPOLossFunction if name == "triton" else DeGRPOLossNativeFunction
+        loss, stats = function.apply(logp, old_logp, advantages, response_mask, ref_logp, control_mask, params)
         return loss, dict(zip(reference.STAT_NAMES, stats.unbind(), strict=True))
     return reference.degrpo_loss(
         logp,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,9 @@ from thinkless.kernels.degrpo_loss import (
 
 # Logits-chunk budgets when chunk_size is not given. On CPU, every chunk streams W twice and dW once, so fewer,
 # larger chunks are faster (2-core EPYC, H=512, V=32000: 1.11x the GEMM floor at 256 rows, 1.09x at 384), while
-# 48 MiB keeps the buffer under a fifth of the logits at the benchmark shape; on a GPU it should be large enough that the GEMMs run at full speed and the fp32 dW is
-# read and written few times, and small next to the 80 GB of an H100.
+# 48 MiB keeps the buffer under a fifth of the logits at the benchmark shape. On a GPU the chunk should be large
+# enough that the GEMMs run at full speed and the fp32 dW is read and written few times, and small next to the
+# 80 GB of an H100.
 CHUNK_BYTES_CPU = 48 * 2**20
 CHUNK_BYTES_CUDA = 512 * 2**20
 
@@ -231,7 +233,7 @@ class _Pass:
     targets: Tensor  # int64 [N], valid ids
     temperature: float
     chunk: int
-    backend: str  # "triton" or "torch" (the row work)
+    backend: str  # the row work: "triton", "cpp" or "torch"
     want_entropy: bool
     tokens: _Tokens | None = None  # per-token loss constants; None: log-probs only
     grad_rows: int = 0  # the first grad_rows rows (in the order given) are response rows that get gradients
@@ -254,104 +256,129 @@ def _compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
 
 def _run(ps: _Pass):
     """The chunk loop. Returns (logp [N], entropy [N] or None, dH, dW, db), gradients None where not asked."""
+    if ps.backend == "torch":
+        return _run_torch(ps)
+    return _run_fused_rows(ps, _ROW_OPS[ps.backend])
+
+
+@dataclass(frozen=True)
+class _RowOps:
+    """A backend of the row work that writes dlogits in place (Triton on CUDA, the native extension on CPU)."""
+
+    column_layout: bool  # the chunk is a [n, V] view of a [V, n] buffer (else a contiguous [n, V] one)
+    upcast: bool  # bf16 / fp16 inputs go to fp32 for the whole pass (CPU); else GEMMs in the input dtype
+    stats: Callable  # (z, targets, inv_temp, want_entropy) -> (lse, logp, entropy)
+    grad_: Callable  # (z, targets, lse, g, inv_temp) -> None: z becomes dL/d(h W^T + b)
+    token_grad: Callable  # (logp, tokens) -> dL/dlogp
+
+
+def _run_fused_rows(ps: _Pass, ops: _RowOps):
+    """Steps 1-5 of the module docstring; the kernels apply 1/temperature as they read the raw logits."""
+    N, H = ps.hidden.shape
+    V = ps.weight.shape[0]
+    device = ps.hidden.device
+    compute = _compute_dtype_of(ps.hidden.dtype)
+    work = compute if ops.upcast else ps.weight.dtype  # the dtype of the GEMMs and of the logits buffer
+    acc = compute  # dW and db accumulate in fp32 (fp64 for fp64)
+    weight = ps.weight.to(work)
+    bias = ps.bias.to(work) if ps.bias is not None else None
+    inv_temp = 1.0 / ps.temperature
+    logp = torch.empty(N, dtype=compute, device=device)
+    entropy = torch.empty(N, dtype=compute, device=device) if ps.want_entropy else None
+    with_grads = ps.tokens is not None and ps.grad_rows > 0
+    dH = torch.zeros(N, H, dtype=work, device=device) if ps.need_dh else None
+    # Rows with gradients come first, so the first chunk can write dW and db (beta=0) instead of adding to zeros.
+    dW = (torch.empty if with_grads else torch.zeros)(V, H, dtype=acc, device=device) if ps.need_dw else None
+    db = torch.zeros(V, dtype=acc, device=device) if ps.need_db else None
+    C = ps.chunk
+    buf = torch.empty(C * V, dtype=work, device=device)
+    for s in range(0, N, C):
+        e = min(s + C, N)
+        n = e - s
+        h = ps.hidden[s:e].to(work)
+        t = ps.targets[s:e]
+        z = buf[: n * V].view(V, n).t() if ops.column_layout else buf[: n * V].view(n, V)
+        if bias is not None:
+            torch.addmm(bias, h, weight.t(), out=z)
+        else:
+            torch.mm(h, weight.t(), out=z)
+        lse, lp, ent = ops.stats(z, t, inv_temp, ps.want_entropy)
+        logp[s:e] = lp
+        if ps.want_entropy:
+            entropy[s:e] = ent
+        if ps.tokens is None or s >= ps.grad_rows:
+            continue
+        g = ops.token_grad(lp, ps.tokens.slice(s, e)) * inv_temp
+        ops.grad_(z, t, lse, g, inv_temp)  # z is now dL/d(h W^T + b)
+        if dH is not None:
+            torch.mm(z, weight, out=dH[s:e])
+        if dW is not None:
+            _accumulate(dW, z.t(), h, first=s == 0)
+        if db is not None:
+            db += z.sum(0, dtype=acc)
+    return logp, entropy, dH, dW, db
+
+
+def _run_torch(ps: _Pass):
+    """The same pass with the row work in torch ops (see the module docstring for its shape)."""
     N, H = ps.hidden.shape
     V = ps.weight.shape[0]
     device = ps.hidden.device
     compute = _compute_dtype_of(ps.hidden.dtype)
     inv_temp = 1.0 / ps.temperature
+    weight = ps.weight.to(compute)
+    bias = ps.bias.to(compute) if ps.bias is not None else None
     logp = torch.empty(N, dtype=compute, device=device)
     entropy = torch.empty(N, dtype=compute, device=device) if ps.want_entropy else None
-    if ps.backend == "triton":
-        acc = torch.float64 if compute == torch.float64 else torch.float32
-        weight, bias = ps.weight, ps.bias
-        hidden = ps.hidden
-        buf_dtype = ps.weight.dtype
-    else:
-        # torch row work runs in the compute dtype: bf16 / fp16 inputs are taken up to fp32 once (on CPU a
-        # bf16 GEMM is no faster, and the row work needs fp32 anyway).
-        acc = compute
-        weight = ps.weight.to(compute)
-        bias = ps.bias.to(compute) if ps.bias is not None else None
-        hidden = ps.hidden
-        buf_dtype = compute
-    dH = (
-        torch.zeros(N, H, dtype=compute if ps.backend != "triton" else ps.hidden.dtype, device=device)
-        if ps.need_dh
-        else None
-    )
-    # The torch path writes dW at its first chunk (rows with gradients come first); the others add to zeros.
-    dW_init = torch.empty if ps.backend != "triton" and ps.grad_rows > 0 and ps.tokens is not None else torch.zeros
-    dW = dW_init(V, H, dtype=acc, device=device) if ps.need_dw else None
-    db = torch.zeros(V, dtype=acc, device=device) if ps.need_db else None
+    with_grads = ps.tokens is not None and ps.grad_rows > 0
+    dH = torch.zeros(N, H, dtype=compute, device=device) if ps.need_dh else None
+    dW = (torch.empty if with_grads else torch.zeros)(V, H, dtype=compute, device=device) if ps.need_dw else None
+    db = torch.zeros(V, dtype=compute, device=device) if ps.need_db else None
     C = ps.chunk
-    buf = torch.empty(C * V, dtype=buf_dtype, device=device)
+    buf = torch.empty(C * V, dtype=compute, device=device)
     for s in range(0, N, C):
         e = min(s + C, N)
         n = e - s
-        h = hidden[s:e].to(weight.dtype if ps.backend == "triton" else compute)
+        h = ps.hidden[s:e].to(compute)
         t = ps.targets[s:e]
-        with_grad = ps.tokens is not None and s < ps.grad_rows
-        if ps.backend == "triton":
-            z = buf[: n * V].view(n, V)
-            if bias is not None:
-                torch.addmm(bias, h, weight.t(), out=z)
-            else:
-                torch.mm(h, weight.t(), out=z)
-            lse, lp, ent = _row_stats_triton(z, t, inv_temp, ps.want_entropy, compute)
-            logp[s:e] = lp
-            if ps.want_entropy:
-                entropy[s:e] = ent
-            if not with_grad:
-                continue
-            g = _token_grad_triton(lp, ps.tokens.slice(s, e)) * inv_temp
-            _row_grad_triton(z, t, lse, g, inv_temp)
-            if dH is not None:
-                torch.mm(z, weight, out=dH[s:e])
-            if dW is not None:
-                _accumulate_fp32(dW, z.t(), h)
-            if db is not None:
-                db += z.sum(0, dtype=acc)
+        # [V, n] storage, [n, V] view: the chunk GEMM writes it at full speed even for small n (measured on a
+        # 2-core EPYC: 0.32 s vs 0.38 s for eight 256-row chunks at H=512, V=32000).
+        z = buf[: n * V].view(V, n).t()
+        if bias is not None:
+            torch.addmm(bias, h, weight.t(), beta=inv_temp, alpha=inv_temp, out=z)
+        elif inv_temp == 1.0:
+            torch.mm(h, weight.t(), out=z)
         else:
-            # [V, n] storage, [n, V] view: the chunk GEMM writes it at full speed even for small n (measured on
-            # a 2-core EPYC: 0.32 s vs 0.38 s for eight 256-row chunks at H=512, V=32000).
-            z = buf[: n * V].view(V, n).t()
-            if bias is not None:
-                torch.addmm(bias, h, weight.t(), beta=inv_temp, alpha=inv_temp, out=z)
-            elif inv_temp == 1.0:
-                torch.mm(h, weight.t(), out=z)
-            else:
-                torch.addmm(z, h, weight.t(), beta=0.0, alpha=inv_temp, out=z)
-            m = z.amax(1)
-            z_target = z.gather(1, t[:, None]).squeeze(1)
-            if not with_grad and not ps.want_entropy:
-                ssum = z.sub_(m[:, None]).exp_().sum(1)
-                logp[s:e] = z_target - m - ssum.log()
-                continue
-            if not with_grad:
-                logp[s:e], entropy[s:e] = _stats_blocked(z, m, z_target)
-                continue
-            E = z.sub_(m[:, None]).exp_()  # exp(z - m): the softmax up to the per-row 1/s
-            ssum = E.sum(1)
-            lse = m + ssum.log()
-            lp = z_target - lse
-            logp[s:e] = lp
-            g = _token_grad_torch(lp, ps.tokens.slice(s, e)) * inv_temp
-            Q = torch.mm(E, weight) if (ps.want_entropy or dH is not None) else None  # E W: [n, H]
+            torch.addmm(z, h, weight.t(), beta=0.0, alpha=inv_temp, out=z)
+        m = z.amax(1)
+        z_target = z.gather(1, t[:, None]).squeeze(1)
+        if ps.tokens is None or s >= ps.grad_rows:
             if ps.want_entropy:
-                pz = (h * Q).sum(1)
-                if bias is not None:
-                    pz = pz + E @ bias
-                entropy[s:e] = lse - pz * inv_temp / ssum
-            coef = g / ssum  # g * softmax = coef * E
-            if dH is not None:
-                dH[s:e] = g[:, None] * weight[t] - coef[:, None] * Q
-            if dW is not None:
-                # The first grad chunk writes dW (beta=0) instead of adding to zeros: one pass over [V, H] saved.
-                torch.addmm(dW, E.t(), coef[:, None] * h, beta=0.0 if s == 0 else 1.0, alpha=-1.0, out=dW)
-                dW.index_add_(0, t, g[:, None] * h)
-            if db is not None:
-                db.addmv_(E.t(), coef, alpha=-1.0)
-                db.index_add_(0, t, g)
+                logp[s:e], entropy[s:e] = _stats_blocked(z, m, z_target)
+            else:
+                logp[s:e] = z_target - m - z.sub_(m[:, None]).exp_().sum(1).log()
+            continue
+        E = z.sub_(m[:, None]).exp_()  # exp(z - m): the softmax up to the per-row 1/s
+        ssum = E.sum(1)
+        lse = m + ssum.log()
+        lp = z_target - lse
+        logp[s:e] = lp
+        g = _token_grad_torch(lp, ps.tokens.slice(s, e)) * inv_temp
+        Q = torch.mm(E, weight) if (ps.want_entropy or dH is not None) else None  # E W: [n, H]
+        if ps.want_entropy:
+            pz = (h * Q).sum(1)
+            if bias is not None:
+                pz = pz + E @ bias
+            entropy[s:e] = lse - pz * inv_temp / ssum
+        coef = g / ssum  # g * softmax = coef * E
+        if dH is not None:
+            dH[s:e] = g[:, None] * weight[t] - coef[:, None] * Q
+        if dW is not None:
+            _accumulate(dW, E.t(), coef[:, None] * h, first=s == 0, alpha=-1.0)
+            dW.index_add_(0, t, g[:, None] * h)
+        if db is not None:
+            db.addmv_(E.t(), coef, alpha=-1.0)
+            db.index_add_(0, t, g)
     return logp, entropy, dH, dW, db
 
 
@@ -381,18 +408,57 @@ def _warn_low_precision_dw():
     )
 
 
-def _accumulate_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
-    """acc += a @ b with acc in fp32 (or fp64) and a, b possibly bf16/fp16."""
+def _accumulate(acc: Tensor, a: Tensor, b: Tensor, *, first: bool, alpha: float = 1.0) -> None:
+    """acc (+)= alpha * a @ b, acc in fp32 (fp64) and a, b possibly bf16/fp16; `first` overwrites acc."""
+    beta = 0.0 if first else 1.0
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, beta=beta, alpha=alpha, out=acc)
     elif acc.device.type == "cuda":
         try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, beta=beta, alpha=alpha, out=acc)
         except (RuntimeError, TypeError):
             _warn_low_precision_dw()
-            acc.add_(a @ b)
-    else:  # CPU tensors on the Triton path (interpreter tests): upcast the chunk
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+            prod = (a @ b).to(acc.dtype) * alpha
+            acc.copy_(prod) if first else acc.add_(prod)
+    else:  # CPU tensors on the Triton path (interpreter tests): take the chunk up to fp32
+        torch.addmm(acc, a.to(acc.dtype), b.to(acc.dtype), beta=beta, alpha=alpha, out=acc)
+
+
+def _native_stats(z, targets, inv_temp, want_entropy):
+    return torch.ops.thinkless.row_stats(z, targets, inv_temp, want_entropy)
+
+
+def _native_grad_(z, targets, lse, g, inv_temp):
+    torch.ops.thinkless.row_grad_(z, targets, lse, g.contiguous(), inv_temp)
+
+
+def _token_grad_native(logp: Tensor, tok: _Tokens) -> Tensor:
+    """dL/dlogp by the native backward of `degrpo_loss`, the chunk seen as one row."""
+    p = tok.params
+    row = lambda x: x.reshape(1, -1)
+    has_kl = tok.ref is not None and p.kl_coef != 0.0
+    return torch.ops.thinkless.degrpo_backward(
+        row(logp), row(tok.old), row(tok.adv), row(tok.resp), row(tok.ref) if has_kl else None, row(tok.ctrl),
+        tok.weights.to(logp.dtype), p.clip_low, p.clip_high, KL_TYPES.index(p.kl_type) + 1, has_kl,
+    ).reshape(-1)  # fmt: skip
+
+
+_ROW_OPS = {
+    "triton": _RowOps(
+        column_layout=False,
+        upcast=False,
+        stats=lambda z, t, it, ent: _row_stats_triton(z, t, it, ent, _compute_dtype_of(z.dtype)),
+        grad_=_row_grad_triton,
+        token_grad=_token_grad_triton,
+    ),
+    "cpp": _RowOps(
+        column_layout=True,
+        upcast=True,
+        stats=_native_stats,
+        grad_=_native_grad_,
+        token_grad=_token_grad_native,
+    ),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -482,12 +548,12 @@ def _check_targets(target_ids: Tensor, vocab: int, where: Tensor | None = None) 
 
 
 def _row_backend(device: torch.device, backend: str | None) -> str:
-    # The native row kernel arrives with the compiled extension; until then cpp means the torch row work.
-    return "triton" if select_backend(device, backend) == "triton" else "torch"
+    return select_backend(device, backend)
 
 
 def _buffer_itemsize(weight: Tensor, row_backend: str) -> int:
-    return weight.element_size() if row_backend == "triton" else _compute_dtype_of(weight.dtype).itemsize
+    upcast = row_backend == "torch" or _ROW_OPS[row_backend].upcast
+    return _compute_dtype_of(weight.dtype).itemsize if upcast else weight.element_size()
 
 
 def token_logprobs(
