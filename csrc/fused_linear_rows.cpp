@@ -3,8 +3,7 @@
 //
 // The chunk is a [n, V] view of a contiguous [V, n] buffer: the layout in which the chunk GEMM h W^T runs fastest
 // on CPU. Consecutive rows are then adjacent in memory, so a SIMD vector holds one vocabulary entry of several rows
-// and every reduction over the vocabulary is a plain element-wise max / add, with no horizontal step. A block of
-// rows fills one 64-byte cache line per vocabulary entry; its V lines stay in cache across the two passes.
+// and every reduction over the vocabulary is a plain element-wise max / add, with no horizontal step.
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -13,6 +12,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "checks.h"
 #include "ops.h"
@@ -22,96 +22,100 @@ namespace {
 
 using at::vec::Vectorized;
 
-// Sums over the vocabulary are cascaded: partial sums over kCascade entries, then their total, so the rounding
-// error grows with kCascade + V / kCascade rather than with V.
-constexpr int64_t kCascade = 256;
+// The vocabulary is walked in tiles of kTile entries. A thread owns a contiguous run of rows (whole SIMD vectors),
+// so each tile it reads is kTile runs of contiguous memory, small enough to stay in L1/L2 while each of its vectors
+// makes its two passes (tile max, then exp-sum against it); DRAM sees every logit once. Tiling also cascades the
+// sums: partial sums over kTile entries, then their total.
+constexpr int64_t kTile = 64;
 
 template <typename scalar_t>
-struct Block {
+struct Lanes {
   using Vec = Vectorized<scalar_t>;
   static constexpr int64_t kVec = Vec::size();
-  static constexpr int64_t kLanes = std::max<int64_t>(kVec, 64 / static_cast<int64_t>(sizeof(scalar_t)));
-  static constexpr int64_t kNumVec = kLanes / kVec;
+  const scalar_t* z;
+  int64_t n;  // rows in the chunk: the row stride of the [V, n] buffer
 
-  int64_t r0, n;  // first row of the block, rows in the chunk (the row stride of the [V, n] buffer)
-
-  int64_t count(int64_t j) const { return std::clamp<int64_t>(n - r0 - j * kVec, 0, kVec); }
-  Vec load(const scalar_t* z, int64_t v, int64_t j) const {
-    const scalar_t* p = z + v * n + r0 + j * kVec;
+  int64_t count(int64_t j) const { return std::clamp<int64_t>(n - j * kVec, 0, kVec); }
+  Vec load(const scalar_t* base, int64_t v, int64_t j) const {
+    const scalar_t* p = base + v * n + j * kVec;
     const int64_t c = count(j);
     return c == kVec ? Vec::loadu(p) : Vec::loadu(p, c);
   }
-  void store(scalar_t* z, int64_t v, int64_t j, const Vec& x) const {
-    scalar_t* p = z + v * n + r0 + j * kVec;
+  void store(scalar_t* base, int64_t v, int64_t j, const Vec& x) const {
+    scalar_t* p = base + v * n + j * kVec;
     const int64_t c = count(j);
     c == kVec ? x.store(p) : x.store(p, c);
   }
-  Vec load_rows(const scalar_t* per_row, int64_t j) const {  // a vector of per-row values
-    const int64_t c = count(j);
-    return c == kVec ? Vec::loadu(per_row + r0 + j * kVec) : Vec::loadu(per_row + r0 + j * kVec, c);
-  }
-  void store_rows(scalar_t* per_row, int64_t j, const Vec& x) const {
-    const int64_t c = count(j);
-    c == kVec ? x.store(per_row + r0 + j * kVec) : x.store(per_row + r0 + j * kVec, c);
-  }
+  Vec load_rows(const scalar_t* per_row, int64_t j) const { return load(per_row, 0, j); }
+  void store_rows(scalar_t* per_row, int64_t j, const Vec& x) const { store(per_row, 0, j, x); }
 };
 
 template <typename scalar_t>
 void row_stats_impl(const scalar_t* z, const int64_t* target, int64_t n, int64_t V, scalar_t inv_temp,
                     bool want_entropy, scalar_t* lse, scalar_t* logp, scalar_t* entropy) {
-  using B = Block<scalar_t>;
-  using Vec = typename B::Vec;
-  const int64_t blocks = (n + B::kLanes - 1) / B::kLanes;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const B block{blk * B::kLanes, n};
-      const Vec it(inv_temp);
-      for (int64_t j = 0; j < B::kNumVec; ++j) {
-        if (block.count(j) == 0) break;
-        // Pass 1: the row maximum. Pass 2: s = sum exp(x - m) and sz = sum exp(x - m) (x - m), cascaded.
-        Vec m(-std::numeric_limits<scalar_t>::infinity());
-        for (int64_t v = 0; v < V; ++v) m = at::vec::maximum(m, block.load(z, v, j) * it);
-        Vec s(0), sz(0);
-        for (int64_t v0 = 0; v0 < V; v0 += kCascade) {
-          Vec ps(0), psz(0);
-          const int64_t v1 = std::min(V, v0 + kCascade);
-          for (int64_t v = v0; v < v1; ++v) {
-            const Vec d = block.load(z, v, j) * it - m;
-            const Vec e = d.exp();
-            ps = ps + e;
-            if (want_entropy) psz = at::vec::fmadd(e, d, psz);
-          }
-          s = s + ps;
-          sz = sz + psz;
+  using L = Lanes<scalar_t>;
+  using Vec = typename L::Vec;
+  const L lanes{z, n};
+  const int64_t vectors = (n + L::kVec - 1) / L::kVec;
+  at::parallel_for(0, vectors, 1, [&](int64_t j0, int64_t j1) {
+    const Vec it(inv_temp);
+    // Running max m, sum s of exp(x - m) and sum sz of exp(x - m) (x - m), per vector of rows.
+    std::vector<Vec> m(j1 - j0), s(j1 - j0), sz(j1 - j0);
+    for (int64_t v0 = 0; v0 < V; v0 += kTile) {
+      const int64_t v1 = std::min(V, v0 + kTile);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t k = j - j0;
+        Vec tile_max = lanes.load(z, v0, j) * it;
+        for (int64_t v = v0 + 1; v < v1; ++v) tile_max = at::vec::maximum(tile_max, lanes.load(z, v, j) * it);
+        const Vec m_new = v0 == 0 ? tile_max : at::vec::maximum(m[k], tile_max);
+        Vec ts(0), tsz(0);
+        for (int64_t v = v0; v < v1; ++v) {
+          const Vec d = lanes.load(z, v, j) * it - m_new;
+          const Vec e = d.exp();
+          ts = ts + e;
+          if (want_entropy) tsz = at::vec::fmadd(e, d, tsz);
         }
-        const Vec log_s = s.log();
-        block.store_rows(lse, j, m + log_s);
-        if (want_entropy) block.store_rows(entropy, j, log_s - sz / s);
+        if (v0 == 0) {
+          s[k] = ts;
+          sz[k] = tsz;
+        } else {  // move the running sums to the new max: x - m_new = (x - m) + (m - m_new)
+          const Vec shift = m[k] - m_new;
+          const Vec scale = shift.exp();
+          if (want_entropy) sz[k] = at::vec::fmadd(scale, at::vec::fmadd(s[k], shift, sz[k]), tsz);
+          s[k] = at::vec::fmadd(s[k], scale, ts);
+        }
+        m[k] = m_new;
       }
-      for (int64_t r = block.r0; r < std::min(n, block.r0 + B::kLanes); ++r)
-        logp[r] = z[target[r] * n + r] * inv_temp - lse[r];
     }
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t k = j - j0;
+      const Vec log_s = s[k].log();
+      lanes.store_rows(lse, j, m[k] + log_s);
+      if (want_entropy) lanes.store_rows(entropy, j, log_s - sz[k] / s[k]);
+    }
+    for (int64_t r = j0 * L::kVec; r < std::min(n, j1 * L::kVec); ++r)
+      logp[r] = z[target[r] * n + r] * inv_temp - lse[r];
   });
 }
 
 template <typename scalar_t>
 void row_grad_impl(scalar_t* z, const int64_t* target, const scalar_t* lse, const scalar_t* grad, int64_t n,
                    int64_t V, scalar_t inv_temp) {
-  using B = Block<scalar_t>;
-  using Vec = typename B::Vec;
-  const int64_t blocks = (n + B::kLanes - 1) / B::kLanes;
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const B block{blk * B::kLanes, n};
-      const Vec it(inv_temp);
-      for (int64_t j = 0; j < B::kNumVec; ++j) {
-        if (block.count(j) == 0) break;
-        const Vec l = block.load_rows(lse, j);
-        const Vec minus_g = Vec(0) - block.load_rows(grad, j);
-        for (int64_t v = 0; v < V; ++v) block.store(z, v, j, minus_g * (block.load(z, v, j) * it - l).exp());
-      }
-      for (int64_t r = block.r0; r < std::min(n, block.r0 + B::kLanes); ++r) z[target[r] * n + r] += grad[r];
+  using L = Lanes<scalar_t>;
+  using Vec = typename L::Vec;
+  const L lanes{z, n};
+  const int64_t vectors = (n + L::kVec - 1) / L::kVec;
+  at::parallel_for(0, vectors, 1, [&](int64_t j0, int64_t j1) {
+    const Vec it(inv_temp);
+    std::vector<Vec> l(j1 - j0), minus_g(j1 - j0);
+    for (int64_t j = j0; j < j1; ++j) {
+      l[j - j0] = lanes.load_rows(lse, j);
+      minus_g[j - j0] = Vec(0) - lanes.load_rows(grad, j);
     }
+    for (int64_t v = 0; v < V; ++v)  // one pass, each vocabulary entry a contiguous run of this thread's rows
+      for (int64_t j = j0; j < j1; ++j)
+        lanes.store(z, v, j, minus_g[j - j0] * (lanes.load(z, v, j) * it - l[j - j0]).exp());
+    for (int64_t r = j0 * L::kVec; r < std::min(n, j1 * L::kVec); ++r) z[target[r] * n + r] += grad[r];
   });
 }
 

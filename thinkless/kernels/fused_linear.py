@@ -17,8 +17,7 @@ formed in forward and kept for backward (as Liger's chunked losses do); backward
 On CUDA steps 2 and 4 are Triton kernels. On CPU the row work is in torch and takes a different shape, because
 torch cannot fuse it: the chunk becomes E = exp(z - max) in place, and both GEMMs read E with the softmax
 normaliser and g folded into their small [C, H] operands (dH = g (W[t] - E W / s), dW += -E^T (g h / s) plus the
-scattered target rows), so nothing of size C x V is written twice. The entropy then comes from the same E W
-product, for free: sum_v p_v z_v = (h . (E W) + E . b) / (s tau).
+scattered target rows), so nothing of size C x V is written twice.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from thinkless.kernels import _checks, reference
 from thinkless.kernels._backend import select_backend
@@ -242,6 +242,14 @@ class _Pass:
     need_db: bool = False
 
 
+def _chunks(n_rows: int, grad_rows: int, chunk: int):
+    """(start, end, with_grad) of every chunk. Chunks never straddle grad_rows, so rows without a gradient (padding,
+    which may hold anything) never enter a backward GEMM, and no GEMM work is spent on them."""
+    for lo, hi, with_grad in ((0, grad_rows, True), (grad_rows, n_rows, False)):
+        for s in range(lo, hi, chunk):
+            yield s, min(s + chunk, hi), with_grad
+
+
 def chunk_rows(chunk_size: int | None, n_rows: int, vocab: int, itemsize: int, device: torch.device) -> int:
     """Rows per chunk: the given chunk_size, or as many as fit the device's logits budget (a multiple of 16)."""
     if chunk_size is None:
@@ -255,10 +263,15 @@ def _compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
 
 
 def _run(ps: _Pass):
-    """The chunk loop. Returns (logp [N], entropy [N] or None, dH, dW, db), gradients None where not asked."""
-    if ps.backend == "torch":
-        return _run_torch(ps)
-    return _run_fused_rows(ps, _ROW_OPS[ps.backend])
+    """The chunk loop. Returns (logp [N], entropy [N] or None, dH, dW, db), gradients None where not asked.
+
+    Autocast is off inside: the GEMMs here have chosen their dtypes (fp32 accumulation, fp32 dW), and autocast
+    would silently run some of them in bf16.
+    """
+    with torch.autocast(ps.hidden.device.type, enabled=False):
+        if ps.backend == "torch":
+            return _run_torch(ps)
+        return _run_fused_rows(ps, _ROW_OPS[ps.backend])
 
 
 @dataclass(frozen=True)
@@ -292,8 +305,7 @@ def _run_fused_rows(ps: _Pass, ops: _RowOps):
     db = torch.zeros(V, dtype=acc, device=device) if ps.need_db else None
     C = ps.chunk
     buf = torch.empty(C * V, dtype=work, device=device)
-    for s in range(0, N, C):
-        e = min(s + C, N)
+    for s, e, with_grad in _chunks(N, ps.grad_rows if ps.tokens is not None else 0, C):
         n = e - s
         h = ps.hidden[s:e].to(work)
         t = ps.targets[s:e]
@@ -306,7 +318,7 @@ def _run_fused_rows(ps: _Pass, ops: _RowOps):
         logp[s:e] = lp
         if ps.want_entropy:
             entropy[s:e] = ent
-        if ps.tokens is None or s >= ps.grad_rows:
+        if not with_grad:
             continue
         g = ops.token_grad(lp, ps.tokens.slice(s, e)) * inv_temp
         ops.grad_(z, t, lse, g, inv_temp)  # z is now dL/d(h W^T + b)
@@ -336,8 +348,7 @@ def _run_torch(ps: _Pass):
     db = torch.zeros(V, dtype=compute, device=device) if ps.need_db else None
     C = ps.chunk
     buf = torch.empty(C * V, dtype=compute, device=device)
-    for s in range(0, N, C):
-        e = min(s + C, N)
+    for s, e, with_grad in _chunks(N, ps.grad_rows if ps.tokens is not None else 0, C):
         n = e - s
         h = ps.hidden[s:e].to(compute)
         t = ps.targets[s:e]
@@ -352,7 +363,7 @@ def _run_torch(ps: _Pass):
             torch.addmm(z, h, weight.t(), beta=0.0, alpha=inv_temp, out=z)
         m = z.amax(1)
         z_target = z.gather(1, t[:, None]).squeeze(1)
-        if ps.tokens is None or s >= ps.grad_rows:
+        if not with_grad:
             if ps.want_entropy:
                 logp[s:e], entropy[s:e] = _stats_blocked(z, m, z_target)
             else:
@@ -364,15 +375,11 @@ def _run_torch(ps: _Pass):
         lp = z_target - lse
         logp[s:e] = lp
         g = _token_grad_torch(lp, ps.tokens.slice(s, e)) * inv_temp
-        Q = torch.mm(E, weight) if (ps.want_entropy or dH is not None) else None  # E W: [n, H]
         if ps.want_entropy:
-            pz = (h * Q).sum(1)
-            if bias is not None:
-                pz = pz + E @ bias
-            entropy[s:e] = lse - pz * inv_temp / ssum
+            entropy[s:e] = _entropy_of_exp(E, ssum)
         coef = g / ssum  # g * softmax = coef * E
         if dH is not None:
-            dH[s:e] = g[:, None] * weight[t] - coef[:, None] * Q
+            dH[s:e] = g[:, None] * weight[t] - coef[:, None] * torch.mm(E, weight)
         if dW is not None:
             _accumulate(dW, E.t(), coef[:, None] * h, first=s == 0, alpha=-1.0)
             dW.index_add_(0, t, g[:, None] * h)
@@ -380,6 +387,18 @@ def _run_torch(ps: _Pass):
             db.addmv_(E.t(), coef, alpha=-1.0)
             db.index_add_(0, t, g)
     return logp, entropy, dH, dW, db
+
+
+def _entropy_of_exp(E: Tensor, ssum: Tensor, block_bytes: int = 4 * 2**20) -> Tensor:
+    """Entropy log s - sum_v E_v log E_v / s of rows E = exp(z - max), s = sum E, through a small temporary per
+    row block. Every term is relative to the row max, so a confident row (entropy ~ 0) cancels nothing large."""
+    n, V = E.shape
+    rows = max(1, block_bytes // (V * E.element_size()))
+    e_log_e = torch.empty(n, dtype=E.dtype, device=E.device)
+    for r in range(0, n, rows):
+        block = E[r : r + rows]
+        e_log_e[r : r + rows] = torch.special.xlogy(block, block).sum(1)
+    return ssum.log() - e_log_e / ssum
 
 
 def _stats_blocked(z: Tensor, m: Tensor, z_target: Tensor, block_bytes: int = 4 * 2**20):
@@ -488,6 +507,7 @@ class FusedLinearDeGRPOFunction(torch.autograd.Function):
         return torch.zeros((), dtype=logp.dtype, device=logp.device), logp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss, _grad_logp, _grad_entropy):
         saved = ctx.saved_tensors
         grads = []
@@ -514,15 +534,12 @@ def _check_linear(hidden, weight, bias, target_ids, temperature, chunk_size):
             f"hidden has shape {tuple(hidden.shape)} but weight is [V={weight.shape[0]}, H={weight.shape[1]}]: "
             "the last dimension of hidden must be H"
         )
-    if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}; give them one dtype")
     _checks.same_device("weight", weight, hidden.device, "hidden")
     if bias is not None:
         bias = _checks.floating("bias", bias)
         _checks.same_shape("bias", bias, weight.shape[:1], "weight's first dimension")
-        if bias.dtype != weight.dtype:
-            raise ValueError(f"bias is {bias.dtype} but weight is {weight.dtype}; give them one dtype")
         _checks.same_device("bias", bias, hidden.device, "hidden")
+        bias = bias.to(weight.dtype)
     target_ids = _checks.integer("target_ids", target_ids)
     _checks.same_shape("target_ids", target_ids, hidden.shape[:-1], "hidden without its last dimension")
     _checks.same_device("target_ids", target_ids, hidden.device, "hidden")
@@ -531,7 +548,9 @@ def _check_linear(hidden, weight, bias, target_ids, temperature, chunk_size):
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (rows per chunk) or None, got {chunk_size!r}")
-    return hidden, weight, bias, target_ids, temperature
+    # The lm_head's dtype decides the arithmetic (bf16 hidden states from an autocast model meet an fp32 head, or
+    # the reverse); hidden is cast, with its gradient cast back by autograd.
+    return hidden.to(weight.dtype), weight, bias, target_ids, temperature
 
 
 def _check_targets(target_ids: Tensor, vocab: int, where: Tensor | None = None) -> None:
@@ -624,7 +643,8 @@ def fused_linear_degrpo_loss(
 
     Args:
         hidden: [B, T, H] last hidden states at the positions that predict target_ids.
-        weight: [V, H] lm_head weight (same dtype as hidden); bias: optional [V].
+        weight: [V, H] lm_head weight; its dtype decides the arithmetic (hidden and bias are cast to it).
+        bias: optional [V].
         target_ids: integer [B, T], the sampled tokens; ids outside [0, V) are allowed only off the response mask.
         old_logp, advantages, response_mask, ref_logp, control_mask, alpha, clip_low, clip_high, kl_coef,
             kl_type, decoupled: as in `degrpo_loss`.
@@ -668,12 +688,14 @@ def fused_linear_degrpo_loss(
     n_resp = int(resp.sum())
     order = None if n_resp == resp.numel() else torch.cat((resp.nonzero()[:, 0], (~resp).nonzero()[:, 0]))
     pick = (lambda x: x) if order is None else (lambda x: x[order])
+    # Contiguous: the kernels read these flat, at stride 1 (a strided old_logp view must not reach them as one).
+    flat = lambda x: pick(x.reshape(-1)).to(compute).contiguous()
     tokens = _Tokens(
-        old=pick(old_logp.reshape(-1)).to(compute),
-        adv=pick(adv.reshape(-1)).to(compute),
-        resp=pick(resp),
-        ctrl=pick(ctrl),
-        ref=pick(ref_logp.reshape(-1)).to(compute) if ref_logp is not None else None,
+        old=flat(old_logp),
+        adv=flat(adv),
+        resp=pick(resp).contiguous(),
+        ctrl=pick(ctrl).contiguous(),
+        ref=flat(ref_logp) if ref_logp is not None else None,
         weights=weights,
         params=params,
     )
