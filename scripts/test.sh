@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# The README's test command: install thinkless with its test extra, lint, and run the tests.
-# torch is pinned to the CPU build that these machines carry; --no-build-isolation compiles the native
-# extension against that torch instead of downloading another into a build environment.
+# The README's test command: lint, then the tests twice.
+#   1. installed with THINKLESS_SKIP_BUILD=1 (no native extension): every CPU kernel takes the torch fallback;
+#   2. installed normally (the native extension thinkless._C compiled): the full suite, `cpp` backend included.
+# torch is pinned to the CPU build that these machines carry; --no-build-isolation compiles the extension against
+# that torch instead of downloading another into a build environment. Arguments go to the second pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --quiet "torch==2.13.0" "setuptools>=70.1"
+
+echo "== thinkless without its native extension (THINKLESS_SKIP_BUILD=1) =="
+rm -f thinkless/_C*.so  # an editable install builds the extension in place; this run must not find it
+THINKLESS_SKIP_BUILD=1 python -m pip install --quiet --no-build-isolation -e ".[test]"
+THINKLESS_SKIP_BUILD=1 python -m pytest tests -q -x -p no:cacheprovider
+
+echo "== thinkless with its native extension =="
 python -m pip install --quiet --no-build-isolation -e ".[test]"
+python -c "import thinkless._C as c; print('thinkless._C built for', c.cpu_capability)"
 python -m ruff check .
 python -m ruff format --check .
 python -m pytest tests "$@"
