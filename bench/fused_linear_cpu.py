@@ -26,7 +26,7 @@ import time
 
 import torch
 
-IMPLEMENTATIONS = ("thinkless", "liger", "eager_torch")
+IMPLEMENTATIONS = ("thinkless", "thinkless_torch", "liger", "eager_torch")
 
 
 def make_inputs(n_tokens: int, hidden: int, vocab: int, seq: int, seed: int = 0):
@@ -55,12 +55,16 @@ def build(name: str, h, w, targets, old, adv, mask):
             torch.mm(z.t(), h2, out=dW)
 
         return run
-    if name == "thinkless":
+    if name in ("thinkless", "thinkless_torch"):
+        # thinkless: the default CPU backend (the native row kernels when thinkless._C is built);
+        # thinkless_torch: the same chunk loop with its row work in torch ops.
         from thinkless.kernels import fused_linear_degrpo_loss
+
+        backend = "torch" if name == "thinkless_torch" else None
 
         def run():
             hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
-            loss, _ = fused_linear_degrpo_loss(hh, ww, targets, old, adv, mask)
+            loss, _ = fused_linear_degrpo_loss(hh, ww, targets, old, adv, mask, backend=backend)
             loss.backward()
             return hh.grad, ww.grad
 
