@@ -69,7 +69,7 @@ def _extensions():
         ) from err
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler.split()[0]) is None:
-        raise SystemExit(f"thinkless: no C++ compiler found ({compiler!r}) to build the native CPU extension.\n" + HOW_TO_FIX)
+        raise SystemExit(f"thinkless: no C++ compiler ({compiler!r}) to build the native CPU extension.\n" + HOW_TO_FIX)
 
     capability = _cpu_capability()
     cxx = ["-O3", "-std=c++17", f"-DCPU_CAPABILITY={capability}", f'-DTHINKLESS_CPU_CAPABILITY="{capability}"']
