@@ -285,26 +285,31 @@ class _RowOps:
     token_grad: Callable  # (logp, tokens) -> dL/dlogp
 
 
+def _outputs(ps: _Pass, compute: torch.dtype, work: torch.dtype, acc: torch.dtype):
+    """logp, entropy, dH, dW, db (None where not asked) and the [chunk x V] logits buffer of one pass."""
+    (N, H), V, device = ps.hidden.shape, ps.weight.shape[0], ps.hidden.device
+    logp = torch.empty(N, dtype=compute, device=device)
+    entropy = torch.empty(N, dtype=compute, device=device) if ps.want_entropy else None
+    dH = torch.zeros(N, H, dtype=work, device=device) if ps.need_dh else None
+    # Rows with gradients come first, so the first chunk writes dW (beta=0) instead of adding to zeros.
+    with_grads = ps.tokens is not None and ps.grad_rows > 0
+    dW = (torch.empty if with_grads else torch.zeros)(V, H, dtype=acc, device=device) if ps.need_dw else None
+    db = torch.zeros(V, dtype=acc, device=device) if ps.need_db else None
+    buf = torch.empty(ps.chunk * V, dtype=work, device=device)
+    return logp, entropy, dH, dW, db, buf
+
+
 def _run_fused_rows(ps: _Pass, ops: _RowOps):
     """Steps 1-5 of the module docstring; the kernels apply 1/temperature as they read the raw logits."""
-    N, H = ps.hidden.shape
-    V = ps.weight.shape[0]
-    device = ps.hidden.device
+    N, V = ps.hidden.shape[0], ps.weight.shape[0]
     compute = _compute_dtype_of(ps.hidden.dtype)
     work = compute if ops.upcast else ps.weight.dtype  # the dtype of the GEMMs and of the logits buffer
     acc = compute  # dW and db accumulate in fp32 (fp64 for fp64)
     weight = ps.weight.to(work)
     bias = ps.bias.to(work) if ps.bias is not None else None
     inv_temp = 1.0 / ps.temperature
-    logp = torch.empty(N, dtype=compute, device=device)
-    entropy = torch.empty(N, dtype=compute, device=device) if ps.want_entropy else None
-    with_grads = ps.tokens is not None and ps.grad_rows > 0
-    dH = torch.zeros(N, H, dtype=work, device=device) if ps.need_dh else None
-    # Rows with gradients come first, so the first chunk can write dW and db (beta=0) instead of adding to zeros.
-    dW = (torch.empty if with_grads else torch.zeros)(V, H, dtype=acc, device=device) if ps.need_dw else None
-    db = torch.zeros(V, dtype=acc, device=device) if ps.need_db else None
+    logp, entropy, dH, dW, db, buf = _outputs(ps, compute, work, acc)
     C = ps.chunk
-    buf = torch.empty(C * V, dtype=work, device=device)
     for s, e, with_grad in _chunks(N, ps.grad_rows if ps.tokens is not None else 0, C):
         n = e - s
         h = ps.hidden[s:e].to(work)
@@ -333,21 +338,13 @@ def _run_fused_rows(ps: _Pass, ops: _RowOps):
 
 def _run_torch(ps: _Pass):
     """The same pass with the row work in torch ops (see the module docstring for its shape)."""
-    N, H = ps.hidden.shape
-    V = ps.weight.shape[0]
-    device = ps.hidden.device
+    N, V = ps.hidden.shape[0], ps.weight.shape[0]
     compute = _compute_dtype_of(ps.hidden.dtype)
     inv_temp = 1.0 / ps.temperature
     weight = ps.weight.to(compute)
     bias = ps.bias.to(compute) if ps.bias is not None else None
-    logp = torch.empty(N, dtype=compute, device=device)
-    entropy = torch.empty(N, dtype=compute, device=device) if ps.want_entropy else None
-    with_grads = ps.tokens is not None and ps.grad_rows > 0
-    dH = torch.zeros(N, H, dtype=compute, device=device) if ps.need_dh else None
-    dW = (torch.empty if with_grads else torch.zeros)(V, H, dtype=compute, device=device) if ps.need_dw else None
-    db = torch.zeros(V, dtype=compute, device=device) if ps.need_db else None
+    logp, entropy, dH, dW, db, buf = _outputs(ps, compute, compute, compute)
     C = ps.chunk
-    buf = torch.empty(C * V, dtype=compute, device=device)
     for s, e, with_grad in _chunks(N, ps.grad_rows if ps.tokens is not None else 0, C):
         n = e - s
         h = ps.hidden[s:e].to(compute)
