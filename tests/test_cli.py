@@ -23,3 +23,15 @@ def test_stage_not_yet_available_fails_cleanly(exe):
     proc = subprocess.run([exe, "rl", "rollout.n=8"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "not available" in proc.stderr
+
+
+def test_stage_help_lists_every_setting(exe):
+    out = subprocess.run([exe, "rl", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "rollout.n = 8" in out and "algo.alpha = 0.001" in out and "trainer.save_every" in out
+
+
+def test_unknown_key_is_one_clear_line(exe):
+    proc = subprocess.run([exe, "rl", "rollout.nn=8"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "unknown key 'rollout.nn'; the keys of 'rollout' are: n, temperature" in proc.stderr

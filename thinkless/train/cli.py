@@ -2,8 +2,9 @@
 
     thinkless-train {sft,rl,eval,demo} [--config FILE.yaml] [key=value ...]
 
-The kernels (`thinkless.kernels`) are in place; the training stages arrive with the trainer, so for now each
-stage says so and exits with status 2 rather than pretending to run.
+Settings are read and checked first (`thinkless.train.config`): a mistake there exits with status 2 and one line
+that names it. The training stages arrive with the trainer; until then each says so and exits with status 2 rather
+than pretending to run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import sys
 
 from thinkless import __version__
+from thinkless.train.config import ConfigError, describe, load_config
 
 STAGES = {
     "sft": "warm-up distillation on hybrid <short>/<think> data",
@@ -30,7 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"thinkless {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="{" + ",".join(STAGES) + "}")
     for name, help_text in STAGES.items():
-        stage = sub.add_parser(name, help=help_text, description=help_text)
+        stage = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog="settings (section.key = default  # meaning):\n" + describe(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         stage.add_argument("--config", metavar="FILE.yaml", help="a YAML file of settings")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rollout.n=8")
     return parser
@@ -42,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage is None:
         parser.print_help()
         return 0
+    try:
+        load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"thinkless-train {args.stage}: error: {err}", file=sys.stderr)
+        return 2
     print(
         f"thinkless-train {args.stage}: this stage is not available in thinkless {__version__} yet; "
         "the kernels are (see `python -c 'import thinkless.kernels; help(thinkless.kernels)'`).",

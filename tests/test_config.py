@@ -1,0 +1,62 @@
+"""Settings: defaults, YAML, dotted overrides, and errors that name the bad key."""
+
+import pytest
+import yaml
+
+from thinkless.train.config import INSTRUCTION, ConfigError, describe, load_config
+
+
+def test_defaults_follow_the_paper():
+    config = load_config()
+    assert config.algo.alpha == 1e-3 and config.algo.decoupled and not config.algo.normalize_std
+    assert config.rollout.temperature == 0.6
+    assert (config.rewards.correct_short, config.rewards.correct_think, config.rewards.wrong) == (1.0, 0.5, -1.0)
+    assert config.data.instruction == INSTRUCTION
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"rollout": {"n": 4, "temperature": 1.0}, "data": {"train_files": ["a.json"]}}))
+    config = load_config(path, ["rollout.n=8", "algo.decoupled=false", "data.val_files=[x.json, y.parquet]",
+                                "algo.alpha=1e-2", "trainer.output_dir=runs/one"])  # fmt: skip
+    assert config.rollout.n == 8 and config.rollout.temperature == 1.0
+    assert config.algo.decoupled is False and config.algo.alpha == 0.01
+    assert config.data.train_files == ["a.json"] and config.data.val_files == ["x.json", "y.parquet"]
+    assert load_config(None, ["data.train_files=a.json,b.json"]).data.train_files == ["a.json", "b.json"]
+    config.save(tmp_path / "out" / "config.yaml")
+    again = load_config(tmp_path / "out" / "config.yaml")
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["rollout.nn=8"], r"unknown key 'rollout.nn'; the keys of 'rollout' are: n, temperature, top_p"),
+        (["rolout.n=8"], r"unknown setting 'rolout.n'.*section one of model, data, rollout, algo, rewards, trainer"),
+        (["rollout.n=eight"], r"rollout.n must be an integer, got 'eight'"),
+        (["algo.decoupled=maybe"], r"algo.decoupled must be true or false"),
+        (["algo.alpha=[1]"], r"algo.alpha must be a number"),
+        (["rollout.n"], r"override 'rollout.n' must look like section.key=value"),
+    ],
+)
+def test_bad_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("algo:\n  alpha: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("optimizer:\n  lr: 1\n")
+    with pytest.raises(ConfigError, match="unknown section 'optimizer'"):
+        load_config(bad)
+
+
+def test_describe_lists_every_key_with_its_default():
+    text = describe()
+    assert "rollout.n = 8  # samples per prompt" in text
+    assert "algo.alpha = 0.001" in text and "trainer.output_dir = 'thinkless-runs/run'" in text

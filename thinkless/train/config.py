@@ -1,0 +1,221 @@
+"""Settings of a run: typed dataclass sections, read from YAML and `section.key=value` overrides (as in verl).
+
+    thinkless-train rl --config run.yaml rollout.n=8 algo.alpha=0.001 data.train_files=[a.json,b.json]
+
+Every key has a default and a help line (`thinkless-train <stage> --help` lists them). An unknown section or key is
+a `ConfigError` that lists the valid ones; a value of the wrong type names the key and the type it needs. The
+resolved settings are saved as `config.yaml` in the run's output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+class ConfigError(ValueError):
+    """A user mistake in the settings: the CLI prints it as one line, without a traceback."""
+
+
+def _key(default, help_text: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help_text}, **kw)
+    return field(default=default, metadata={"help": help_text}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _key("", "local folder or Hugging Face hub id of the policy (AutoModelForCausalLM)")
+    dtype: str = _key("auto", "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32")
+    attn_implementation: str = _key("auto", "auto (flash_attention_2 if installed on CUDA, else sdpa), sdpa, eager")
+    gradient_checkpointing: bool = _key(False, "recompute activations in backward to save memory")
+    liger: bool = _key(True, "apply Liger-Kernel patches (RMSNorm, RoPE, SwiGLU) on CUDA when installed")
+    ref_path: str = _key("", "the frozen reference model for the KL term; default: model.path")
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = _key([], "json, jsonl or parquet files to train on")
+    val_files: list[str] = _key([], "json, jsonl or parquet files to evaluate on, one report each")
+    problem_key: str = _key("problem", "column holding the problem text")
+    answer_key: str = _key("answer", "column holding the reference final answer (without \\boxed{})")
+    response_key: str = _key("response", "SFT: column holding the target response, starting with its control token")
+    messages_key: str = _key("messages", "SFT: column holding a chat [{role, content}, ...] instead")
+    instruction: str = _key(INSTRUCTION, "appended to every problem in the user turn")
+    max_prompt_tokens: int = _key(1024, "prompts longer than this are dropped (with a count in the log)")
+    max_length: int = _key(8192, "SFT: longest prompt + response in tokens; longer examples are truncated")
+
+
+@dataclass
+class RolloutConfig:
+    n: int = _key(8, "samples per prompt (the group size G of GRPO)")
+    temperature: float = _key(0.6, "sampling temperature; the loss uses the same one for its log-probs")
+    top_p: float = _key(1.0, "nucleus sampling")
+    max_new_tokens: int = _key(4096, "longest response")
+    engine: str = _key("hf", "generation engine: hf (transformers generate)")
+
+
+@dataclass
+class AlgoConfig:
+    alpha: float = _key(1e-3, "DeGRPO weight of the control-token loss")
+    decoupled: bool = _key(True, "DeGRPO; false gives vanilla GRPO (one token-mean, for comparisons)")
+    clip_low: float = _key(0.2, "PPO clip range: ratio >= 1 - clip_low")
+    clip_high: float = _key(0.2, "PPO clip range: ratio <= 1 + clip_high")
+    kl_coef: float = _key(0.0, "weight of the KL term to the reference model (loaded only when > 0)")
+    kl_type: str = _key("k3", "KL estimator: k1, k2 or k3")
+    normalize_std: bool = _key(False, "divide advantages by the group std (GRPO); false: Dr. GRPO, as Thinkless")
+    filter_groups: bool = _key(False, "drop groups whose rewards are all equal (zero advantage)")
+    ppo_epochs: int = _key(1, "passes over each batch of rollouts")
+    mini_batch_size: int = _key(0, "prompts per optimizer step within a batch; 0: the whole batch")
+    micro_batch_size: int = _key(4, "sequences per forward/backward (gradient accumulation)")
+    lr: float = _key(1e-6, "AdamW learning rate")
+    weight_decay: float = _key(0.0, "AdamW weight decay")
+    warmup_steps: int = _key(0, "linear learning-rate warmup")
+    max_grad_norm: float = _key(1.0, "gradient clipping")
+
+
+@dataclass
+class RewardsConfig:
+    correct_short: float = _key(1.0, "reward of a correct <short> answer")
+    correct_think: float = _key(0.5, "reward of a correct <think> answer")
+    wrong: float = _key(-1.0, "reward of a wrong answer")
+    format_error: float = _key(-1.0, "reward of a response without a control token or a \\boxed{} answer")
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = _key("thinkless-runs/run", "the run's folder: config, metrics.jsonl, checkpoints, eval")
+    batch_size: int = _key(8, "prompts per step (RL) or examples per step (SFT)")
+    total_steps: int = _key(100, "optimizer steps")
+    save_every: int = _key(50, "write checkpoint-<step>/ every this many steps (and at the end)")
+    keep_last: int = _key(2, "checkpoints kept; older ones are deleted")
+    seed: int = _key(0, "random seed")
+    device: str = _key("auto", "auto (cuda if available), cuda or cpu")
+    report_to: str = _key("none", "none, tensorboard or wandb")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "rollout": RolloutConfig,
+    "algo": AlgoConfig,
+    "rewards": RewardsConfig,
+    "trainer": TrainerConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _field_types(section_cls) -> dict[str, object]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _coerce(name: str, value, kind):
+    """value as `kind` (bool, int, float, str or list[str]), or a ConfigError naming the key."""
+    if typing.get_origin(kind) is list:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if kind is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if value is None:
+        return ""
+    if isinstance(value, (dict, list)):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return str(value)
+
+
+def _set(config: Config, dotted: str, value) -> None:
+    section, _, key = dotted.partition(".")
+    if section not in SECTIONS or not key:
+        sections = ", ".join(SECTIONS)
+        raise ConfigError(f"unknown setting {dotted!r}: settings are section.key with section one of {sections}")
+    kinds = _field_types(SECTIONS[section])
+    if key not in kinds:
+        raise ConfigError(f"unknown key {dotted!r}; the keys of {section!r} are: {', '.join(kinds)}")
+    setattr(getattr(config, section), key, _coerce(dotted, value, kinds[key]))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file, then the `section.key=value` overrides, in that order."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+        for section, values in data.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"unknown section {section!r} in {str(path)!r}; sections: {', '.join(SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"section {section!r} in {str(path)!r} must be a mapping of keys")
+            for key, value in values.items():
+                _set(config, f"{section}.{key}", value)
+    for item in overrides:
+        dotted, eq, text = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        _set(config, dotted.strip(), value)
+    return config
+
+
+def describe() -> str:
+    """Every key with its default and help, for `--help`."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            lines.append(f"  {section}.{f.name} = {default!r}  # {f.metadata['help']}")
+    return "\n".join(lines)
