@@ -38,3 +38,27 @@ def make_tokenizer(folder: Path, *, chat_template: str = CHATML, with_control_to
     fast.chat_template = chat_template
     fast.save_pretrained(folder)
     return PreTrainedTokenizerFast.from_pretrained(folder)
+
+
+def make_model(folder: Path, tokenizer, *, seed: int = 0, hidden: int = 32, layers: int = 2):
+    """A randomly initialised 2-layer Qwen2 with the tokenizer's vocabulary, saved to `folder`."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

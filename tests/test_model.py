@@ -1,0 +1,62 @@
+"""Loading the policy: a tiny Qwen2 and a tokenizer made in the test, control tokens added, hidden states path."""
+
+import pytest
+import tiny
+import torch
+
+from thinkless.train.config import load_config
+from thinkless.train.model import (
+    CONTROL_TOKENS,
+    ModelError,
+    control_token_ids,
+    hidden_states,
+    lm_head,
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    tok = tiny.make_tokenizer(folder)  # no control tokens: loading must add them
+    return tiny.make_model(folder, tok)
+
+
+def test_control_tokens_are_added_as_single_tokens(checkpoint):
+    tokenizer = load_tokenizer(str(checkpoint))
+    ids = control_token_ids(tokenizer)
+    assert len(set(ids.values())) == 3
+    for token in CONTROL_TOKENS:
+        assert tokenizer.encode(token, add_special_tokens=False) == [ids[token]]
+    text = "<think>so</think> \\boxed{2}"
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False), skip_special_tokens=True) == text
+    assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
+
+    model = load_model(str(checkpoint), tokenizer, load_config(), torch.device("cpu"))
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    assert next(model.parameters()).dtype == torch.float32  # fp32 on CPU
+    assert model.training
+
+
+def test_hidden_states_feed_the_lm_head(checkpoint):
+    tokenizer = load_tokenizer(str(checkpoint))
+    model = load_model(str(checkpoint), tokenizer, load_config(), torch.device("cpu"), trainable=False)
+    batch = tokenizer(["1+1=", "a longer prompt here"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        h = hidden_states(model, batch["input_ids"], batch["attention_mask"])
+        logits = model(**batch).logits
+    weight, bias = lm_head(model)
+    assert bias is None
+    torch.testing.assert_close(h @ weight.T, logits, rtol=1e-5, atol=1e-5)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_missing_model_is_named(tmp_path):
+    with pytest.raises(ModelError, match=r"model.path='.*nowhere': no such folder"):
+        load_tokenizer(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelError, match="model.path is not set"):
+        load_tokenizer("")
+    with pytest.raises(ModelError, match="model.dtype must be auto or one of"):
+        resolve_dtype("fp8", torch.device("cpu"))

@@ -1,0 +1,131 @@
+"""The policy: a Hugging Face causal LM and its tokenizer, with the control tokens, on the right device and dtype.
+
+- `model.path` is a local folder or a hub id (AutoModelForCausalLM / AutoTokenizer).
+- `<short>`, `<think>` and `</think>` are added as single tokens when the tokenizer lacks them, and the embeddings
+  are resized. They are plain added tokens, not special ones, so that decoding keeps them in the text.
+- dtype: bf16 on GPU, fp32 on CPU (`model.dtype` overrides). Attention: flash_attention_2 when flash-attn is
+  installed and CUDA is present, else SDPA. Liger-Kernel patches (RMSNorm, RoPE, SwiGLU) on CUDA when installed.
+- The loss never asks the model for logits: `hidden_states` runs the decoder alone, and the lm_head weight goes to
+  the fused kernels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from thinkless.train.rewards import SHORT, THINK, THINK_END
+
+CONTROL_TOKENS = (SHORT, THINK, THINK_END)
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be loaded: the CLI prints it as one line, without a traceback."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"trainer.device={name!r}, but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name not in dtypes:
+        raise ModelError(f"model.dtype must be auto or one of {', '.join(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def attention_implementation(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _check_path(path: str, what: str) -> None:
+    if not path:
+        raise ModelError(f"{what} is not set: give a local folder or a hub id, e.g. {what}=Qwen/Qwen2.5-1.5B")
+    # A hub id is "name" or "org/name"; anything else (./x, /abs/path, a/b/c) is a local folder.
+    local = path.startswith((".", "/", "~")) or path.count("/") > 1 or os.path.exists(path)
+    if local and not Path(path).expanduser().is_dir():
+        raise ModelError(f"{what}={path!r}: no such folder")
+
+
+def load_tokenizer(path: str):
+    """The tokenizer, with the control tokens, a pad token and left padding (for batched generation)."""
+    from transformers import AddedToken, AutoTokenizer
+
+    _check_path(path, "model.path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.path={path!r}: cannot load a tokenizer: {err}") from None
+    missing = [t for t in CONTROL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing])
+    for token in CONTROL_TOKENS:
+        ids = tokenizer.encode(token, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ModelError(f"the tokenizer of {path!r} splits {token!r} into {len(ids)} tokens; it must be one")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def control_token_ids(tokenizer) -> dict[str, int]:
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in CONTROL_TOKENS}
+
+
+def load_model(path: str, tokenizer, config, device: torch.device, *, trainable: bool = True):
+    """AutoModelForCausalLM from `path`, embeddings resized to the tokenizer, on `device`, per `config.model`."""
+    from transformers import AutoModelForCausalLM
+
+    _check_path(path, "model.path")
+    dtype = resolve_dtype(config.model.dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, attn_implementation=attention_implementation(config.model.attn_implementation, device)
+        )
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model.path={path!r}: cannot load a causal LM: {err}") from None
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    if device.type == "cuda" and config.model.liger and importlib.util.find_spec("liger_kernel") is not None:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+        # Only the layer patches: the loss is ours, so Liger's cross-entropy stays off.
+        _apply_liger_kernel_to_instance(
+            model=model, rms_norm=True, rope=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+        )
+    if trainable:
+        model.train()
+        if config.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+    else:
+        model.eval().requires_grad_(False)
+    return model
+
+
+def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] final hidden states (after the last norm), the input of the lm_head; no logits are formed."""
+    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
