@@ -9,12 +9,13 @@ from thinkless.kernels import reference
 from thinkless.kernels._backend import BACKENDS, select_backend
 from thinkless.kernels.advantages import group_advantages
 from thinkless.kernels.degrpo_loss import DeGRPOParams, degrpo_loss
-from thinkless.kernels.fused_linear import fused_linear_degrpo_loss, token_logprobs
+from thinkless.kernels.fused_linear import fused_linear_cross_entropy, fused_linear_degrpo_loss, token_logprobs
 
 __all__ = [
     "BACKENDS",
     "DeGRPOParams",
     "degrpo_loss",
+    "fused_linear_cross_entropy",
     "fused_linear_degrpo_loss",
     "group_advantages",
     "reference",

@@ -183,6 +183,24 @@ class _Tokens:
             cut(self.old), cut(self.adv), cut(self.resp), cut(self.ctrl), cut(self.ref), self.weights, self.params
         )
 
+    def grad(self, logp: Tensor, backend: str) -> Tensor:
+        """dL/dlogp of these tokens, by the backend's DeGRPO backward."""
+        rule = {"torch": _token_grad_torch, "triton": _token_grad_triton, "cpp": _token_grad_native}[backend]
+        return rule(logp, self)
+
+
+@dataclass
+class _CrossEntropyTokens:
+    """The token-mean cross-entropy -sum(logp) / n of SFT: every row with a gradient is a target token."""
+
+    weight: float  # 1 / n
+
+    def slice(self, s: int, e: int) -> _CrossEntropyTokens:
+        return self
+
+    def grad(self, logp: Tensor, backend: str) -> Tensor:
+        return torch.full_like(logp, -self.weight)
+
 
 def _token_grad_torch(logp: Tensor, tok: _Tokens) -> Tensor:
     """dL/dlogp of each token, the closed form of the reference loss's autograd (ties as torch.maximum gives)."""
@@ -235,7 +253,7 @@ class _Pass:
     chunk: int
     backend: str  # the row work: "triton", "cpp" or "torch"
     want_entropy: bool
-    tokens: _Tokens | None = None  # per-token loss constants; None: log-probs only
+    tokens: _Tokens | _CrossEntropyTokens | None = None  # per-token loss constants; None: log-probs only
     grad_rows: int = 0  # the first grad_rows rows (in the order given) are response rows that get gradients
     need_dh: bool = False
     need_dw: bool = False
@@ -282,7 +300,6 @@ class _RowOps:
     upcast: bool  # bf16 / fp16 inputs go to fp32 for the whole pass (CPU); else GEMMs in the input dtype
     stats: Callable  # (z, targets, inv_temp, want_entropy) -> (lse, logp, entropy)
     grad_: Callable  # (z, targets, lse, g, inv_temp) -> None: z becomes dL/d(h W^T + b)
-    token_grad: Callable  # (logp, tokens) -> dL/dlogp
 
 
 def _outputs(ps: _Pass, compute: torch.dtype, work: torch.dtype, acc: torch.dtype):
@@ -325,7 +342,7 @@ def _run_fused_rows(ps: _Pass, ops: _RowOps):
             entropy[s:e] = ent
         if not with_grad:
             continue
-        g = ops.token_grad(lp, ps.tokens.slice(s, e)) * inv_temp
+        g = ps.tokens.slice(s, e).grad(lp, ps.backend) * inv_temp
         ops.grad_(z, t, lse, g, inv_temp)  # z is now dL/d(h W^T + b)
         if dH is not None:
             torch.mm(z, weight, out=dH[s:e])
@@ -371,7 +388,7 @@ def _run_torch(ps: _Pass):
         if not with_grad:
             continue
         E = z
-        g = _token_grad_torch(lp, ps.tokens.slice(s, e)) * inv_temp
+        g = ps.tokens.slice(s, e).grad(lp, "torch") * inv_temp
         coef = g / ssum  # g * softmax = coef * E
         if dH is not None:
             dH[s:e] = g[:, None] * weight[t] - coef[:, None] * torch.mm(E, weight)
@@ -457,14 +474,12 @@ _ROW_OPS = {
         upcast=False,
         stats=lambda z, t, it, ent: _row_stats_triton(z, t, it, ent, _compute_dtype_of(z.dtype)),
         grad_=_row_grad_triton,
-        token_grad=_token_grad_triton,
     ),
     "cpp": _RowOps(
         column_layout=True,
         upcast=True,
         stats=_native_stats,
         grad_=_native_grad_,
-        token_grad=_token_grad_native,
     ),
 }
 
@@ -667,27 +682,50 @@ def fused_linear_degrpo_loss(
     ctrl = (first if control_mask is None else control_mask & response_mask).reshape(-1)
     weights = loss_weights(ctrl.sum().to(compute), (resp & ~ctrl).sum().to(compute), params)
     adv = advantages[:, None].expand(B, T) if advantages.dim() == 1 else advantages
-    targets = target_ids.reshape(-1).long()
-    valid = (targets >= 0) & (targets < V)
-    targets = torch.where(valid, targets, torch.zeros_like(targets))
 
-    # Response rows first: they need the backward GEMMs, the others only their log-probs. A full mask keeps the
-    # natural order and copies nothing.
-    h2 = hidden.reshape(B * T, H)
-    n_resp = int(resp.sum())
-    order = None if n_resp == resp.numel() else torch.cat((resp.nonzero()[:, 0], (~resp).nonzero()[:, 0]))
-    pick = (lambda x: x) if order is None else (lambda x: x[order])
-    # Contiguous: the kernels read these flat, at stride 1 (a strided old_logp view must not reach them as one).
-    flat = lambda x: pick(x.reshape(-1)).to(compute).contiguous()
-    tokens = _Tokens(
-        old=flat(old_logp),
-        adv=flat(adv),
+    flat = lambda pick, x: pick(x.reshape(-1)).to(compute).contiguous()
+    make_tokens = lambda pick: _Tokens(  # noqa: E731
+        old=flat(pick, old_logp),
+        adv=flat(pick, adv),
         resp=pick(resp).contiguous(),
         ctrl=pick(ctrl).contiguous(),
-        ref=flat(ref_logp) if ref_logp is not None else None,
+        ref=flat(pick, ref_logp) if ref_logp is not None else None,
         weights=weights,
         params=params,
     )
+    carrier, logp, entropy = _fused_pass(
+        hidden, weight, bias, target_ids, response_mask, make_tokens, temperature, chunk_size, rows
+    )
+    with torch.no_grad():
+        loss, metrics = degrpo_loss(
+            logp, old_logp, advantages, response_mask, ref_logp=ref_logp, control_mask=control_mask,
+            backend=backend, **vars(params),
+        )  # fmt: skip
+        metrics["entropy"] = _masked_mean(entropy, response_mask)
+    metrics["logp"] = logp
+    return (loss if carrier is None else loss + carrier), metrics
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+
+
+def _fused_pass(hidden, weight, bias, target_ids, response_mask, make_tokens, temperature, chunk_size, rows):
+    """Run the chunk loop for [B, T] tokens. Returns (gradient carrier or None, logp [B, T], entropy [B, T]).
+
+    Response rows go first: they need the backward GEMMs, the others only their log-probs. A full mask keeps the
+    natural order and copies nothing. `make_tokens(pick)` builds the per-token loss constants in that order.
+    Targets off the response mask may be anything; their log-probs are reported as 0.
+    """
+    B, T, H = hidden.shape
+    V = weight.shape[0]
+    resp = response_mask.reshape(-1)
+    targets = target_ids.reshape(-1).long()
+    valid = (targets >= 0) & (targets < V)
+    targets = torch.where(valid, targets, torch.zeros_like(targets))
+    n_resp = int(resp.sum())
+    order = None if n_resp == resp.numel() else torch.cat((resp.nonzero()[:, 0], (~resp).nonzero()[:, 0]))
+    pick = (lambda x: x) if order is None else (lambda x: x[order])
     grad_on = torch.is_grad_enabled()
     need = [grad_on and x is not None and x.requires_grad for x in (hidden, weight, bias)]
     fields = dict(
@@ -696,22 +734,57 @@ def fused_linear_degrpo_loss(
         chunk=chunk_rows(chunk_size, B * T, V, _buffer_itemsize(weight, rows), hidden.device),
         backend=rows,
         want_entropy=True,
-        tokens=tokens if any(need) else None,
+        tokens=make_tokens(pick) if any(need) else None,
         grad_rows=n_resp,
         need_dh=need[0],
         need_dw=need[1],
         need_db=need[2],
     )
-    carrier, logp, entropy = FusedLinearDeGRPOFunction.apply(pick(h2), weight, bias, fields)
+    carrier, logp, entropy = FusedLinearDeGRPOFunction.apply(pick(hidden.reshape(B * T, H)), weight, bias, fields)
     if order is not None:
         logp = torch.empty_like(logp).index_copy_(0, order, logp)
         entropy = torch.empty_like(entropy).index_copy_(0, order, entropy)
     logp = torch.where(valid, logp, torch.zeros_like(logp)).view(B, T)
+    return (carrier if any(need) else None), logp, entropy.view(B, T)
+
+
+def fused_linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    target_ids: Tensor,
+    loss_mask: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Token-mean cross-entropy -mean(logp[loss_mask]) through the same chunk loop: the SFT loss without logits.
+
+    Args:
+        hidden [B, T, H], weight [V, H], bias, target_ids [B, T], temperature, chunk_size, backend: as in
+            `fused_linear_degrpo_loss`.
+        loss_mask: bool [B, T], the tokens that count (the response tokens of SFT); others may hold any target.
+
+    Returns:
+        (loss, metrics): metrics "entropy" (mean over loss_mask tokens), "logp" [B, T] detached, "tokens".
+    """
+    hidden, weight, bias, target_ids, temperature = _check_linear(
+        hidden, weight, bias, target_ids, temperature, chunk_size
+    )
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be 3-D [B, T, H], got shape {tuple(hidden.shape)}")
+    loss_mask = _checks.mask("loss_mask", loss_mask)
+    _checks.same_shape("loss_mask", loss_mask, hidden.shape[:2], "target_ids")
+    _checks.same_device("loss_mask", loss_mask, hidden.device, "hidden")
+    _check_targets(target_ids, weight.shape[0], loss_mask)
+    n = int(loss_mask.sum())
+    rows = _row_backend(hidden.device, backend)
+    carrier, logp, entropy = _fused_pass(
+        hidden, weight, bias, target_ids, loss_mask, lambda pick: _CrossEntropyTokens(1.0 / max(n, 1)),
+        temperature, chunk_size, rows,
+    )  # fmt: skip
     with torch.no_grad():
-        loss, metrics = degrpo_loss(
-            logp, old_logp, advantages, response_mask, ref_logp=ref_logp, control_mask=control_mask,
-            backend=backend, **vars(params),
-        )  # fmt: skip
-        metrics["entropy"] = entropy[resp].mean() if n_resp else torch.zeros((), dtype=compute, device=hidden.device)
-    metrics["logp"] = logp
-    return (loss + carrier if any(need) else loss), metrics
+        loss = -_masked_mean(logp, loss_mask)
+        metrics = {"entropy": _masked_mean(entropy, loss_mask), "logp": logp, "tokens": loss_mask.sum().to(logp.dtype)}
+    return (loss if carrier is None else loss + carrier), metrics
