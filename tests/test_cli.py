@@ -20,7 +20,7 @@ def test_help_lists_the_stages(exe):
 
 
 def test_stage_not_yet_available_fails_cleanly(exe):
-    proc = subprocess.run([exe, "rl", "rollout.n=8"], capture_output=True, text=True)
+    proc = subprocess.run([exe, "demo", "rollout.n=8"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "not available" in proc.stderr
 

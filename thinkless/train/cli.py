@@ -2,9 +2,9 @@
 
     thinkless-train {sft,rl,eval,demo} [--config FILE.yaml] [key=value ...]
 
-Settings are read and checked first (`thinkless.train.config`): a mistake there exits with status 2 and one line
-that names it. The training stages arrive with the trainer; until then each says so and exits with status 2 rather
-than pretending to run.
+Settings are read and checked first (`thinkless.train.config`), then the data, then the model: a user mistake in
+any of them exits with status 2 and one line that names it, before any training. `demo` arrives with its own
+issue; until then it says so and exits with status 2 rather than pretending to run.
 """
 
 from __future__ import annotations
@@ -14,6 +14,29 @@ import sys
 
 from thinkless import __version__
 from thinkless.train.config import ConfigError, describe, load_config
+from thinkless.train.data import DataError
+from thinkless.train.model import ModelError
+
+
+def _run_sft(config):
+    from thinkless.train.sft import run_sft
+
+    run_sft(config)
+
+
+def _run_rl(config):
+    from thinkless.train.rl import run_rl
+
+    run_rl(config)
+
+
+def _run_eval(config):
+    from thinkless.train.eval import run_eval
+
+    run_eval(config)
+
+
+RUNNERS = {"sft": _run_sft, "rl": _run_rl, "eval": _run_eval}
 
 STAGES = {
     "sft": "warm-up distillation on hybrid <short>/<think> data",
@@ -51,10 +74,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        load_config(args.config, args.overrides)
-    except ConfigError as err:
+        config = load_config(args.config, args.overrides)
+        if args.stage in RUNNERS:
+            RUNNERS[args.stage](config)
+            return 0
+    except (ConfigError, DataError, ModelError) as err:
         print(f"thinkless-train {args.stage}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"thinkless-train {args.stage}: interrupted; run it again to resume from the last checkpoint",
+              file=sys.stderr)  # fmt: skip
+        return 130
     print(
         f"thinkless-train {args.stage}: this stage is not available in thinkless {__version__} yet; "
         "the kernels are (see `python -c 'import thinkless.kernels; help(thinkless.kernels)'`).",

@@ -122,7 +122,11 @@ def load_model(path: str, tokenizer, config, device: torch.device, *, trainable:
 
 def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, T, H] final hidden states (after the last norm), the input of the lm_head; no logits are formed."""
-    out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    # Positions count real tokens only, as `generate` counts them for left-padded prompts.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model.get_decoder()(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
     return out.last_hidden_state
 
 

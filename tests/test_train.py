@@ -1,0 +1,136 @@
+"""The trainer end to end on a tiny random Qwen2 and real MATH problems: sft, rl (crash and resume), eval."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import tiny
+
+from thinkless.train.config import load_config
+from thinkless.train.metrics import MetricsLog
+
+N_PROBLEMS = 24
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    tok = tiny.make_tokenizer(root / "base")
+    tiny.make_model(root / "base", tok)
+    rows = json.loads((tiny.DATA / "math_train.json").read_text())[:N_PROBLEMS]
+    hybrid = []
+    for r in rows:  # both modes for every problem, as the warm-up data has them
+        hybrid.append({"problem": r["problem"], "response": f"<short>The answer is \\boxed{{{r['answer']}}}."})
+        thought = r["problem"][:60]
+        hybrid.append({"problem": r["problem"], "response": f"<think>{thought}</think> \\boxed{{{r['answer']}}}"})
+    (root / "sft.jsonl").write_text("\n".join(json.dumps(x) for x in hybrid))
+    (root / "rl.json").write_text(json.dumps([{"problem": r["problem"], "answer": r["answer"]} for r in rows]))
+    return root
+
+
+def _config(workdir, stage, *extra):
+    common = ["trainer.batch_size=4", "algo.micro_batch_size=4", "trainer.keep_last=2"]
+    if stage == "sft":
+        settings = [f"model.path={workdir / 'base'}", f"data.train_files=[{workdir / 'sft.jsonl'}]"]
+        settings += [f"trainer.output_dir={workdir / 'sft'}", "trainer.total_steps=6", "trainer.save_every=3"]
+        settings += ["algo.lr=3e-3", "data.max_length=128"]
+    else:
+        settings = [f"model.path={workdir / 'sft'}", f"data.train_files=[{workdir / 'rl.json'}]", "rollout.n=4"]
+        settings += ["rollout.max_new_tokens=12", "rollout.temperature=1.0", "trainer.total_steps=4"]
+        settings += ["trainer.save_every=2", "algo.lr=1e-4"]
+    return load_config(None, [*settings, *common, *extra])
+
+
+def _steps(folder):
+    return [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_rl_crash_resume_eval(workdir, monkeypatch):
+    from thinkless.train.eval import run_eval
+    from thinkless.train.rl import run_rl
+    from thinkless.train.sft import run_sft
+
+    run_sft(_config(workdir, "sft"))
+    sft_rows = [json.loads(line) for line in (workdir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft_rows] == [1, 2, 3, 4, 5, 6]
+    assert sft_rows[-1]["loss"] < sft_rows[0]["loss"]  # it learns
+    assert sorted(p.name for p in (workdir / "sft").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+
+    # A straight RL run, for reference.
+    run_rl(_config(workdir, "rl", f"trainer.output_dir={workdir / 'straight'}"))
+    straight = [json.loads(line) for line in (workdir / "straight" / "metrics.jsonl").read_text().splitlines()]
+    for key in (
+        "loss",
+        "control_loss",
+        "response_loss",
+        "reward_mean",
+        "think_ratio",
+        "acc_short",
+        "acc_think",
+        "response_tokens_mean",
+        "response_tokens_short",
+        "response_tokens_think",
+        "groups_all_correct",
+        "groups_all_wrong",
+        "clip_frac",
+        "kl",
+        "entropy",
+        "grad_norm",
+        "lr",
+        "tokens_per_s",
+        "step_seconds",
+    ):
+        assert key in straight[0], key  # fmt: skip
+
+    # The same run, killed after logging step 3 (its last checkpoint is step 2) and with a half-written
+    # checkpoint-4.tmp left behind, then started again with the same command.
+    out = workdir / "crashed"
+    log = MetricsLog.log
+
+    def dies_after_step_3(self, step, metrics):
+        row = log(self, step, metrics)
+        if step == 3:
+            (out / "checkpoint-4.tmp").mkdir()
+            raise KeyboardInterrupt
+        return row
+
+    monkeypatch.setattr(MetricsLog, "log", dies_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_rl(_config(workdir, "rl", f"trainer.output_dir={out}"))
+    monkeypatch.undo()
+    assert _steps(out) == [1, 2, 3]
+    run_rl(_config(workdir, "rl", f"trainer.output_dir={out}"))
+    assert _steps(out) == [1, 2, 3, 4]  # each step exactly once
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(straight, resumed, strict=True):  # RNG, optimizer and data position all came back
+        assert a["reward_mean"] == b["reward_mean"] and a["response_tokens_mean"] == b["response_tokens_mean"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
+
+    config = _config(workdir, "rl", f"model.path={out}", f"trainer.output_dir={out}",
+                     f"data.val_files=[{workdir / 'rl.json'}]", "rollout.n=2")  # fmt: skip
+    (report,) = run_eval(config)
+    saved = json.loads((out / "eval" / "rl.json").read_text())
+    assert saved == report and saved["n"] == 2 * N_PROBLEMS
+    for key in ("accuracy", "think_ratio", "mean_tokens"):
+        assert saved[key] >= 0 and (key == "mean_tokens" or saved[key] <= 1)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "thinkless.train.cli", *args], capture_output=True, text=True)
+
+
+def test_bad_input_fails_before_training_with_one_line(workdir, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?"}]))
+    cases = [
+        (["rl", f"model.path={workdir / 'base'}", f"data.train_files=[{bad}]"], "bad.json: row 1: missing 'answer'"),
+        (["rl", f"model.path={tmp_path / 'no-model'}", f"data.train_files=[{workdir / 'rl.json'}]"], "no such folder"),
+        (["sft", "trainer.outputdir=x"], "unknown key 'trainer.outputdir'; the keys of 'trainer' are: output_dir"),
+    ]
+    for args, message in cases:
+        proc = _cli(*args, f"trainer.output_dir={tmp_path / 'run'}")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -1,0 +1,62 @@
+"""Metrics: one JSON line per step in `<output_dir>/metrics.jsonl`, optionally TensorBoard or Weights & Biases.
+
+On resume the file is cut back to the checkpoint's step, so that every step appears exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+
+def _plain(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN / inf
+    return value
+
+
+class MetricsLog:
+    def __init__(self, output_dir: str | Path, resume_step: int = 0, report_to: str = "none"):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # keep the steps up to the checkpoint we resume from
+            kept = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in kept if json.loads(line).get("step", 0) <= resume_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self.writer = None
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+        elif report_to == "wandb":
+            import wandb
+
+            self.writer = wandb.init(project="thinkless", dir=str(output_dir), resume="allow")
+        elif report_to != "none":
+            raise ValueError(f"trainer.report_to must be none, tensorboard or wandb, got {report_to!r}")
+
+    def log(self, step: int, metrics: dict) -> dict:
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None and hasattr(self.writer, "add_scalar"):
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, step)
+        elif self.writer is not None:
+            self.writer.log(row, step=step)
+        return row
+
+    def close(self) -> None:
+        if self.writer is not None and hasattr(self.writer, "close"):
+            self.writer.close()
+        elif self.writer is not None:
+            self.writer.finish()

@@ -1,0 +1,146 @@
+"""RL with DeGRPO: sample, reward, group-relative advantages, then the decoupled PPO loss on the policy.
+
+One step: `trainer.batch_size` prompts -> `rollout.n` samples each (HF generate) -> rewards from the mode and the
+\\boxed{} answer -> `group_advantages` by prompt -> old-policy (and reference) log-probs by `token_logprobs` ->
+`algo.ppo_epochs` passes of `fused_linear_degrpo_loss` over mini-batches of prompts, micro-batches of sequences.
+
+Unlike vanilla GRPO, the control token's loss is normalised on its own and weighted by `algo.alpha`, so the
+thousands of tokens of a long answer no longer drown the one token that picks the mode (Fang et al., 2025).
+Micro-batch losses are weighted by their share of the mini-batch's sequences (exact for the control-token mean,
+which counts one token per sequence; the token-mean of the response, as in verl).
+
+    thinkless-train rl model.path=runs/sft data.train_files=[deepscaler.json] rollout.n=8 trainer.output_dir=runs/rl
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from thinkless.kernels import fused_linear_degrpo_loss, group_advantages, token_logprobs
+from thinkless.train.data import load_problems
+from thinkless.train.model import hidden_states, lm_head, load_model, load_tokenizer
+from thinkless.train.rewards import score
+from thinkless.train.rollout import Rollouts, generate
+from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
+
+
+def _micro(indices: list[int], size: int):
+    for i in range(0, len(indices), max(1, size)):
+        yield indices[i : i + size]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, ro: Rollouts, temperature: float, micro_batch_size: int) -> torch.Tensor:
+    """[S, L-1] log-probs of every next token under `model`, chunked, without autograd (old policy, reference)."""
+    weight, bias = lm_head(model)
+    out = []
+    for idx in _micro(list(range(ro.input_ids.shape[0])), micro_batch_size):
+        ids, attention = ro.input_ids[idx], ro.attention_mask[idx]
+        hidden = hidden_states(model, ids[:, :-1], attention[:, :-1])
+        out.append(token_logprobs(hidden, weight, ids[:, 1:], bias=bias, temperature=temperature))
+    return torch.cat(out)
+
+
+def rollout_metrics(ro: Rollouts, scores, rewards: torch.Tensor) -> dict:
+    modes = ro.modes
+    lengths = ro.lengths.float().cpu()
+    correct = torch.tensor([s.correct for s in scores])
+    short = torch.tensor([m == "short" for m in modes])
+    think = torch.tensor([m == "think" for m in modes])
+    groups = ro.prompt_index.cpu()
+    per_group = [correct[groups == g] for g in groups.unique()]
+    mean = lambda x, m: x[m].float().mean().item() if m.any() else 0.0  # noqa: E731
+    return {
+        "reward_mean": rewards.mean().item(),
+        "think_ratio": think.float().mean().item(),
+        "acc": correct.float().mean().item(),
+        "acc_short": mean(correct, short),
+        "acc_think": mean(correct, think),
+        "format_errors": int(sum(m is None for m in modes)),
+        "response_tokens_mean": lengths.mean().item(),
+        "response_tokens_short": mean(lengths, short),
+        "response_tokens_think": mean(lengths, think),
+        "groups_all_correct": int(sum(bool(c.all()) for c in per_group)),
+        "groups_all_wrong": int(sum(not bool(c.any()) for c in per_group)),
+    }
+
+
+def run_rl(config) -> Run:
+    # Data first: a bad row must stop the run before any model is loaded.
+    tokenizer = load_tokenizer(resolve_model_path(config.model.path))
+    examples = load_problems(config.data.train_files, tokenizer, config)
+    run = start_run(config, "rl")
+    trainer, algo, rollout = config.trainer, config.algo, config.rollout
+    reference = None
+    if algo.kl_coef > 0:  # the frozen reference is loaded only when the KL term is on
+        ref_path = resolve_model_path(config.model.ref_path or config.model.path)
+        reference = load_model(ref_path, run.tokenizer, config, run.device, trainable=False)
+    weight, bias = lm_head(run.model)
+    bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="rl")
+    for step in bar:
+        start = time.perf_counter()
+        batch = [examples[i] for i in batch_indices(len(examples), trainer.batch_size, step, trainer.seed)]
+        ro = generate(run.model, run.tokenizer, [e.prompt for e in batch], rollout)
+        scores = [
+            score(t, batch[p].answer, m, config.rewards)
+            for t, m, p in zip(ro.texts, ro.modes, ro.prompt_index.tolist(), strict=True)
+        ]  # noqa: E501
+        rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
+        advantages = group_advantages(rewards, ro.prompt_index.cpu(), normalize_std=algo.normalize_std).to(run.device)
+        keep = torch.ones(len(scores), dtype=torch.bool)
+        if algo.filter_groups:  # zero-variance groups teach nothing: all their advantages are 0
+            for g in ro.prompt_index.unique().cpu():
+                members = ro.prompt_index.cpu() == g
+                keep[members] = bool(rewards[members].std() > 0) if members.sum() > 1 else False
+        targets, mask = ro.input_ids[:, 1:], ro.response_mask[:, 1:]
+        old_logp = sequence_logprobs(run.model, ro, rollout.temperature, algo.micro_batch_size)
+        ref_logp = sequence_logprobs(reference, ro, rollout.temperature, algo.micro_batch_size) if reference else None
+
+        prompts = sorted(set(ro.prompt_index[keep.to(ro.prompt_index.device)].tolist()))
+        per_mini = algo.mini_batch_size or len(prompts) or 1
+        keys = ("loss", "control_loss", "response_loss", "clip_frac", "kl", "entropy")
+        sums, n_updates, grad_norm = dict.fromkeys(keys, 0.0), 0, torch.zeros(())
+        for _ in range(algo.ppo_epochs):
+            for m0 in range(0, len(prompts), per_mini):
+                chosen = set(prompts[m0 : m0 + per_mini])
+                rows = [i for i, p in enumerate(ro.prompt_index.tolist()) if p in chosen and keep[i]]
+                run.optimizer.zero_grad(set_to_none=True)
+                for idx in _micro(rows, algo.micro_batch_size):
+                    hidden = hidden_states(run.model, ro.input_ids[idx, :-1], ro.attention_mask[idx, :-1])
+                    loss, metrics = fused_linear_degrpo_loss(
+                        hidden, weight, targets[idx], old_logp[idx], advantages[idx], mask[idx],
+                        bias=bias, ref_logp=ref_logp[idx] if ref_logp is not None else None,
+                        temperature=rollout.temperature, alpha=algo.alpha, clip_low=algo.clip_low,
+                        clip_high=algo.clip_high, kl_coef=algo.kl_coef, kl_type=algo.kl_type, decoupled=algo.decoupled,
+                    )  # fmt: skip
+                    share = len(idx) / len(rows)
+                    (loss * share).backward()
+                    metrics["loss"] = loss.detach()
+                    for key in keys:
+                        sums[key] += metrics[key].item() * share
+                grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), algo.max_grad_norm)
+                run.optimizer.step()
+                run.scheduler.step()
+                n_updates += 1
+        seconds = time.perf_counter() - start
+        tokens = int(ro.attention_mask.sum())
+        row = run.metrics.log(
+            step,
+            {
+                **{k: v / max(n_updates, 1) for k, v in sums.items()},
+                **rollout_metrics(ro, scores, rewards),
+                "updates": n_updates,
+                "grad_norm": grad_norm,
+                "lr": run.scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens / seconds,
+                "step_seconds": seconds,
+            },
+        )
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", think=f"{row['think_ratio']:.2f}")
+        if step % trainer.save_every == 0 or step == trainer.total_steps:
+            run.save(step)
+    run.metrics.close()
+    return run

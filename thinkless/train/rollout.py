@@ -1,0 +1,68 @@
+"""Rollouts: `rollout.n` samples per prompt from the policy, with Hugging Face `generate` (left-padded batches).
+
+The result keeps what the loss and the rewards need: prompt + response token ids, the response mask (generated
+tokens up to and including the first EOS), the mode chosen by the first generated token, and the decoded text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from thinkless.train.model import control_token_ids
+from thinkless.train.rewards import SHORT, THINK, mode_of_token
+
+
+@dataclass
+class Rollouts:
+    input_ids: torch.Tensor  # [B*n, P+R]: left-padded prompt, then the response, right-padded
+    attention_mask: torch.Tensor  # [B*n, P+R]
+    response_mask: torch.Tensor  # bool [B*n, P+R]: generated tokens up to and including the first EOS
+    prompt_index: torch.Tensor  # int64 [B*n]: which prompt each sample answers (samples of a prompt are adjacent)
+    modes: list[str | None]  # "short", "think" or None, from the first generated token
+    texts: list[str]  # the decoded responses (control tokens kept)
+    lengths: torch.Tensor  # int64 [B*n]: response tokens
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
+    """`rollout.n` samples for each prompt, by `rollout.temperature`, `top_p`, `max_new_tokens`."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        **enc,
+        do_sample=True,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        max_new_tokens=rollout.max_new_tokens,
+        num_return_sequences=rollout.n,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model.train(was_training)
+    P = enc["input_ids"].shape[1]
+    generated = out[:, P:]
+    is_eos = generated == tokenizer.eos_token_id
+    # A response ends at its first EOS (kept: the model must learn to stop); everything after is padding.
+    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    response = ~after_eos
+    if tokenizer.pad_token_id != tokenizer.eos_token_id:
+        response &= generated != tokenizer.pad_token_id
+    prompt_attention = enc["attention_mask"].repeat_interleave(rollout.n, dim=0)
+    ids = control_token_ids(tokenizer)
+    modes = [mode_of_token(int(t), ids[SHORT], ids[THINK]) for t in generated[:, 0]]
+    texts = [
+        tokenizer.decode(row[mask], skip_special_tokens=True) for row, mask in zip(generated, response, strict=True)
+    ]
+    return Rollouts(
+        input_ids=out,
+        attention_mask=torch.cat((prompt_attention, response.long()), dim=1),
+        response_mask=torch.cat((torch.zeros_like(prompt_attention, dtype=torch.bool), response), dim=1),
+        prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(rollout.n),
+        modes=modes,
+        texts=texts,
+        lengths=response.sum(1),
+    )

@@ -1,0 +1,101 @@
+"""What every training stage shares: the output folder, resuming, the model, the optimizer, the data order.
+
+`start_run` resumes by itself when the output folder already holds a checkpoint: model, tokenizer, optimizer,
+scheduler, RNG states and step all come from it, and `metrics.jsonl` is cut back to that step.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from thinkless.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from thinkless.train.metrics import MetricsLog
+from thinkless.train.model import load_model, load_tokenizer, resolve_device
+
+
+def resolve_model_path(path: str) -> str:
+    """A run folder (with checkpoint-<step>/ inside and no model of its own) stands for its latest checkpoint."""
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not (folder / "config.json").exists():
+        latest = latest_checkpoint(folder)
+        if latest is not None:
+            return str(latest)
+    return path
+
+
+@dataclass
+class Run:
+    config: object
+    stage: str
+    device: torch.device
+    output_dir: Path
+    tokenizer: object
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer | None
+    scheduler: object
+    step: int  # the last completed step (0 for a fresh run)
+    metrics: MetricsLog | None
+    resumed_from: Path | None = None
+
+    def save(self, step: int) -> Path:
+        state = {"stage": self.stage, "data_position": step * self.config.trainer.batch_size}
+        if self.optimizer is not None:
+            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
+        return save_checkpoint(self.output_dir, step, self.model, self.tokenizer, state, self.config.trainer.keep_last)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def start_run(config, stage: str, *, train: bool = True) -> Run:
+    """The model (from the latest checkpoint in output_dir, else model.path), optimizer, scheduler and step."""
+    device = resolve_device(config.trainer.device)
+    output_dir = Path(config.trainer.output_dir)
+    checkpoint = latest_checkpoint(output_dir) if train else None
+    source = str(checkpoint) if checkpoint is not None else resolve_model_path(config.model.path)
+    seed_everything(config.trainer.seed)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, tokenizer, config, device, trainable=train)
+    optimizer = scheduler = metrics = None
+    step = 0
+    if train:
+        algo = config.algo
+        optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=algo.lr, weight_decay=algo.weight_decay
+        )
+        warmup = max(0, algo.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        if checkpoint is not None:
+            state = load_state(checkpoint)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            step = int(state["step"])
+        output_dir.mkdir(parents=True, exist_ok=True)
+        config.save(output_dir / "config.yaml")
+        metrics = MetricsLog(output_dir, step, config.trainer.report_to)
+    return Run(config, stage, device, output_dir, tokenizer, model, optimizer, scheduler, step, metrics, checkpoint)
+
+
+def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The examples of 1-based `step`: consecutive slices of a fresh seeded permutation per epoch, so the data
+    position follows from the step alone and a resumed run sees exactly what it would have seen."""
+    if n_examples == 0:
+        raise ValueError("no training examples")
+    out = []
+    position = (step - 1) * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position, n_examples)
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        take = min(batch_size - len(out), n_examples - offset)
+        out.extend(order[offset : offset + take].tolist())
+        position += take
+    return out

@@ -1,0 +1,88 @@
+"""Warm-up distillation (SFT): teach the model both modes before RL lets it choose.
+
+Every example is a prompt and a response that opens with its control token; the loss is the token-mean
+cross-entropy on the response tokens (and the closing EOS), through `fused_linear_cross_entropy`, so a long
+chain of thought never materialises its [tokens x vocab] logits.
+
+    thinkless-train sft model.path=Qwen/Qwen2.5-1.5B-Instruct data.train_files=[hybrid.jsonl] \
+        trainer.output_dir=runs/sft
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm import tqdm
+
+from thinkless.kernels import fused_linear_cross_entropy
+from thinkless.train.data import Example, load_sft
+from thinkless.train.model import hidden_states, lm_head, load_tokenizer
+from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
+
+
+def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[bool]]:
+    """Token ids of prompt + response + EOS, and which of them the loss counts (the response and EOS)."""
+    prompt = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (prompt + response)[:max_length]
+    return ids, ([False] * len(prompt) + [True] * len(response))[:max_length]
+
+
+def pad_right(rows: list[list], value) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
+
+
+def sft_loss(model, tokenizer, encoded: list[tuple[list[int], list[bool]]], device) -> tuple[torch.Tensor, dict]:
+    """Token-mean cross-entropy of one micro-batch; each position predicts the next token."""
+    ids = pad_right([e[0] for e in encoded], tokenizer.pad_token_id).to(device)
+    counted = pad_right([e[1] for e in encoded], False).to(device)
+    attention = pad_right([[1] * len(e[0]) for e in encoded], 0).to(device)
+    hidden = hidden_states(model, ids[:, :-1], attention[:, :-1])
+    weight, bias = lm_head(model)
+    return fused_linear_cross_entropy(hidden, weight, ids[:, 1:], counted[:, 1:], bias=bias)
+
+
+def run_sft(config) -> Run:
+    # Data first: a bad row must stop the run before any model is loaded.
+    tokenizer = load_tokenizer(resolve_model_path(config.model.path))
+    examples = load_sft(config.data.train_files, tokenizer, config)
+    run = start_run(config, "sft")
+    trainer, algo = config.trainer, config.algo
+    encoded = [encode(run.tokenizer, e, config.data.max_length) for e in examples]
+    bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="sft")
+    for step in bar:
+        start = time.perf_counter()
+        batch = [encoded[i] for i in batch_indices(len(encoded), trainer.batch_size, step, trainer.seed)]
+        n_tokens = sum(sum(counted[1:]) for _, counted in batch)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss_sum, entropy_sum = 0.0, 0.0
+        for i in range(0, len(batch), max(1, algo.micro_batch_size)):
+            micro = batch[i : i + algo.micro_batch_size]
+            loss, metrics = sft_loss(run.model, run.tokenizer, micro, run.device)
+            share = metrics["tokens"].item() / max(n_tokens, 1)  # token-mean over the whole batch
+            (loss * share).backward()
+            loss_sum += loss.item() * share
+            entropy_sum += metrics["entropy"].item() * share
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), algo.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        seconds = time.perf_counter() - start
+        row = run.metrics.log(
+            step,
+            {
+                "loss": loss_sum,
+                "entropy": entropy_sum,
+                "grad_norm": grad_norm,
+                "lr": run.scheduler.get_last_lr()[0],
+                "tokens": n_tokens,
+                "tokens_per_s": n_tokens / seconds,
+                "step_seconds": seconds,
+            },
+        )
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if step % trainer.save_every == 0 or step == trainer.total_steps:
+            run.save(step)
+    run.metrics.close()
+    return run
