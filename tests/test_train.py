@@ -134,3 +134,30 @@ def test_bad_input_fails_before_training_with_one_line(workdir, tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_rl_with_kl_filtered_groups_and_short_prompts(workdir, capsys):
+    """The reference model and its KL term, zero-variance groups dropped, long prompts dropped with a count."""
+    from thinkless.train.rl import run_rl
+
+    if not (workdir / "sft").exists():
+        from thinkless.train.sft import run_sft
+
+        run_sft(_config(workdir, "sft"))
+    out = workdir / "kl"
+    kl = ["algo.kl_coef=0.05", "algo.kl_type=k3", f"model.ref_path={workdir / 'base'}"]
+    config = _config(
+        workdir, "rl", f"trainer.output_dir={out}", "trainer.total_steps=2", "data.max_prompt_tokens=150", *kl
+    )
+    run_rl(config)
+    assert "prompts longer than 150 tokens" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    # The reference is the untrained base model and the policy its SFT'd descendant: their KL is positive.
+    assert all(r["updates"] == 1 and r["kl"] > 0 for r in rows)
+
+    out = workdir / "filtered"
+    run_rl(_config(workdir, "rl", f"trainer.output_dir={out}", "algo.filter_groups=true", "trainer.total_steps=2"))
+    for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()):
+        # Groups whose samples all failed have equal rewards and are dropped; no group left, no update.
+        assert r["updates"] == (0 if r["groups_all_wrong"] == 4 else 1)

@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from thinkless.kernels import fused_linear_degrpo_loss, group_advantages, token_logprobs
-from thinkless.train.data import load_problems
+from thinkless.train.config import ConfigError
+from thinkless.train.data import DataError, load_problems
 from thinkless.train.model import hidden_states, lm_head, load_model, load_tokenizer
 from thinkless.train.rewards import score
 from thinkless.train.rollout import Rollouts, generate
@@ -68,10 +69,23 @@ def rollout_metrics(ro: Rollouts, scores, rewards: torch.Tensor) -> dict:
     }
 
 
+def fitting_prompts(examples: list, tokenizer, config) -> list:
+    """The examples whose prompt fits `data.max_prompt_tokens`; the others are dropped, with a count."""
+    limit = config.data.max_prompt_tokens
+    kept = [e for e in examples if len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
+    if len(kept) < len(examples):
+        print(f"thinkless: dropped {len(examples) - len(kept)} of {len(examples)} prompts longer than {limit} tokens")
+    if not kept:
+        raise DataError(f"no training prompt fits data.max_prompt_tokens={limit} (files: {config.data.train_files})")
+    return kept
+
+
 def run_rl(config) -> Run:
     # Data first: a bad row must stop the run before any model is loaded.
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
-    examples = load_problems(config.data.train_files, tokenizer, config)
+    if config.rollout.engine != "hf":
+        raise ConfigError(f"rollout.engine={config.rollout.engine!r}: only 'hf' (transformers generate) is available")
+    examples = fitting_prompts(load_problems(config.data.train_files, tokenizer, config), tokenizer, config)
     run = start_run(config, "rl")
     trainer, algo, rollout = config.trainer, config.algo, config.rollout
     reference = None
