@@ -1,14 +1,14 @@
 """Rewards on real answer formats from MATH-500 (../shared/data/math500.json)."""
 
 import json
-from pathlib import Path
 
 import pytest
+import tiny
 
 from thinkless.train.config import RewardsConfig
 from thinkless.train.rewards import check_answer, last_boxed, mode_of_text, mode_of_token, score
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "math500.json"
+DATA = tiny.DATA / "math500.json"
 
 
 @pytest.fixture(scope="module")

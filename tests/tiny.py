@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The real math problems at ../shared/data from the project root (see its README); THINKLESS_DATA overrides.
+DATA = Path(os.environ.get("THINKLESS_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
