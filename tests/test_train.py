@@ -1,5 +1,6 @@
 """The trainer end to end on a tiny random Qwen2 and real MATH problems: sft, rl (crash and resume), eval."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -161,3 +162,33 @@ def test_rl_with_kl_filtered_groups_and_short_prompts(workdir, capsys):
     for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()):
         # Groups whose samples all failed have equal rewards and are dropped; no group left, no update.
         assert r["updates"] == (0 if r["groups_all_wrong"] == 4 else 1)
+
+
+def test_sft_options_checkpointing_epochs_and_reporting(workdir, tmp_path):
+    """Gradient checkpointing gives the same SFT step; PPO epochs and mini-batches multiply the updates; a missing
+    report_to package is a one-line settings error."""
+    from thinkless.train.config import ConfigError
+    from thinkless.train.rl import run_rl
+    from thinkless.train.sft import run_sft
+
+    rows = {}
+    for flag in ("false", "true"):
+        out = tmp_path / f"ckpt-{flag}"
+        run_sft(_config(workdir, "sft", f"trainer.output_dir={out}", "trainer.total_steps=1",
+                        f"model.gradient_checkpointing={flag}"))  # fmt: skip
+        rows[flag] = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert rows["true"]["loss"] == pytest.approx(rows["false"]["loss"], rel=1e-5)
+    assert rows["true"]["grad_norm"] == pytest.approx(rows["false"]["grad_norm"], rel=1e-4)
+
+    if not (workdir / "sft").exists():
+        run_sft(_config(workdir, "sft"))
+    out = tmp_path / "epochs"
+    run_rl(_config(workdir, "rl", f"trainer.output_dir={out}", "trainer.total_steps=1", "algo.ppo_epochs=2",
+                   "algo.mini_batch_size=2", "algo.micro_batch_size=3"))  # fmt: skip
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["updates"] == 2 * 2  # 2 epochs x (4 prompts / 2 per mini-batch)
+
+    missing = [name for name in ("tensorboard", "wandb") if importlib.util.find_spec(name) is None]
+    if missing:
+        with pytest.raises(ConfigError, match=f"trainer.report_to={missing[0]} needs the package"):
+            run_sft(_config(workdir, "sft", f"trainer.output_dir={tmp_path / 'r'}", f"trainer.report_to={missing[0]}"))

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from thinkless.train.config import ConfigError
+
 
 def _plain(value):
     if isinstance(value, torch.Tensor):
@@ -32,16 +34,19 @@ class MetricsLog:
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)
         self.writer = None
-        if report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+        if report_to not in ("none", "tensorboard", "wandb"):
+            raise ConfigError(f"trainer.report_to must be none, tensorboard or wandb, got {report_to!r}")
+        try:
+            if report_to == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
-        elif report_to == "wandb":
-            import wandb
+                self.writer = SummaryWriter(str(Path(output_dir) / "tensorboard"))
+            elif report_to == "wandb":
+                import wandb
 
-            self.writer = wandb.init(project="thinkless", dir=str(output_dir), resume="allow")
-        elif report_to != "none":
-            raise ValueError(f"trainer.report_to must be none, tensorboard or wandb, got {report_to!r}")
+                self.writer = wandb.init(project="thinkless", dir=str(output_dir), resume="allow")
+        except ImportError:
+            raise ConfigError(f"trainer.report_to={report_to} needs the package: pip install {report_to}") from None
 
     def log(self, step: int, metrics: dict) -> dict:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
