@@ -60,3 +60,32 @@ def test_describe_lists_every_key_with_its_default():
     text = describe()
     assert "rollout.n = 8  # samples per prompt" in text
     assert "algo.alpha = 0.001" in text and "trainer.output_dir = 'thinkless-runs/run'" in text
+
+
+def test_text_settings_stay_text():
+    overrides = ["data.instruction=Solve: think # carefully", "model.path=yes", "trainer.seed=0123"]
+    overrides += ["model.ref_path=", "data.train_files=[a.json]", "trainer.output_dir=runs/a=b"]
+    config = load_config(None, overrides)
+    assert config.data.instruction == "Solve: think # carefully"
+    assert config.model.path == "yes" and config.trainer.seed == 123 and config.model.ref_path == ""
+    assert config.trainer.output_dir == "runs/a=b" and config.data.train_files == ["a.json"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.save_every=0", r"trainer.save_every must be >= 1, got 0"),
+        ("trainer.batch_size=0", r"trainer.batch_size must be >= 1"),
+        ("rollout.n=0", r"rollout.n must be >= 1"),
+        ("algo.micro_batch_size=0", r"algo.micro_batch_size must be >= 1"),
+        ("rollout.temperature=0", r"rollout.temperature must be > 0"),
+        ("rollout.top_p=1.5", r"rollout.top_p must be in \(0, 1\]"),
+        ("algo.kl_type=k5", r"algo.kl_type must be one of k1, k2, k3, got 'k5'"),
+        ("trainer.device=tpu", r"trainer.device must be auto, cpu, cuda"),
+        ("trainer.report_to=foo", r"trainer.report_to must be one of none, tensorboard, wandb"),
+        ("rollout.engine=vllm", r"rollout.engine must be one of hf"),
+    ],
+)
+def test_out_of_range_settings_fail_at_once(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])

@@ -202,12 +202,60 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         dotted, eq, text = item.partition("=")
         if not eq:
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        _set(config, dotted.strip(), value)
+        _set(config, dotted.strip(), _parse_override(dotted.strip(), text))
+    validate(config)
     return config
+
+
+def _parse_override(dotted: str, text: str):
+    """The value of `section.key=text` as its key's type reads it: text stays text (a path `yes`, an instruction
+    with `: ` or `#`), a list is `[a, b]` or `a,b`, numbers and booleans are read by _coerce."""
+    section, _, key = dotted.partition(".")
+    kind = _field_types(SECTIONS[section]).get(key) if section in SECTIONS else None
+    if typing.get_origin(kind) is list and text.strip().startswith("["):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"{dotted} must be a list like [a.json, b.json], got {text!r}") from None
+    return text  # _set's coercion gives it the key's type (or names the key when it cannot)
+
+
+def _at_least(name: str, value, low, *, strict: bool = False) -> None:
+    if value < low or (strict and value == low):
+        raise ConfigError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
+def validate(config: Config) -> None:
+    """Ranges and choices, checked before any data or model is read (a bad value must not cost a training step)."""
+    t, a, r = config.trainer, config.algo, config.rollout
+    for name, value, low in [
+        ("trainer.batch_size", t.batch_size, 1), ("trainer.total_steps", t.total_steps, 0),
+        ("trainer.save_every", t.save_every, 1), ("trainer.keep_last", t.keep_last, 1),
+        ("rollout.n", r.n, 1), ("rollout.max_new_tokens", r.max_new_tokens, 1),
+        ("algo.ppo_epochs", a.ppo_epochs, 1), ("algo.mini_batch_size", a.mini_batch_size, 0),
+        ("algo.micro_batch_size", a.micro_batch_size, 1), ("algo.warmup_steps", a.warmup_steps, 0),
+        ("algo.alpha", a.alpha, 0), ("algo.clip_low", a.clip_low, 0), ("algo.clip_high", a.clip_high, 0),
+        ("algo.kl_coef", a.kl_coef, 0), ("algo.weight_decay", a.weight_decay, 0),
+        ("data.max_prompt_tokens", config.data.max_prompt_tokens, 1), ("data.max_length", config.data.max_length, 2),
+    ]:  # fmt: skip
+        _at_least(name, value, low)
+    _at_least("rollout.temperature", r.temperature, 0, strict=True)
+    _at_least("algo.lr", a.lr, 0, strict=True)
+    _at_least("algo.max_grad_norm", a.max_grad_norm, 0, strict=True)
+    if not 0 < r.top_p <= 1:
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p!r}")
+    choices = {
+        "algo.kl_type": (a.kl_type, ("k1", "k2", "k3")),
+        "rollout.engine": (r.engine, ("hf",)),
+        "trainer.report_to": (t.report_to, ("none", "tensorboard", "wandb")),
+        "model.dtype": (config.model.dtype, ("auto", "bfloat16", "float16", "float32")),
+        "model.attn_implementation": (config.model.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2")),
+    }
+    for name, (value, options) in choices.items():
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:<index>, got {t.device!r}")
 
 
 def describe() -> str:

@@ -20,7 +20,6 @@ import torch
 from tqdm import tqdm
 
 from thinkless.kernels import fused_linear_degrpo_loss, group_advantages, token_logprobs
-from thinkless.train.config import ConfigError
 from thinkless.train.data import DataError, load_problems
 from thinkless.train.model import hidden_states, lm_head, load_model, load_tokenizer
 from thinkless.train.rewards import score
@@ -83,8 +82,6 @@ def fitting_prompts(examples: list, tokenizer, config) -> list:
 def run_rl(config) -> Run:
     # Data first: a bad row must stop the run before any model is loaded.
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
-    if config.rollout.engine != "hf":
-        raise ConfigError(f"rollout.engine={config.rollout.engine!r}: only 'hf' (transformers generate) is available")
     examples = fitting_prompts(load_problems(config.data.train_files, tokenizer, config), tokenizer, config)
     run = start_run(config, "rl")
     trainer, algo, rollout = config.trainer, config.algo, config.rollout
