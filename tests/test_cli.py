@@ -35,3 +35,11 @@ def test_unknown_key_is_one_clear_line(exe):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "unknown key 'rollout.nn'; the keys of 'rollout' are: n, temperature" in proc.stderr
+
+
+def test_overrides_may_follow_the_config_file(exe, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("rollout:\n  n: 4\n")
+    for args in (["--config", str(path), "rollout.nn=8"], ["rollout.nn=8", "--config", str(path)]):
+        proc = subprocess.run([exe, "rl", *args], capture_output=True, text=True)
+        assert proc.returncode == 2 and "unknown key 'rollout.nn'" in proc.stderr, proc.stderr

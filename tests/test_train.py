@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import tiny
+import torch
 
 from thinkless.train.config import load_config
 from thinkless.train.metrics import MetricsLog
@@ -59,7 +60,9 @@ def test_sft_rl_crash_resume_eval(workdir, monkeypatch):
     assert sorted(p.name for p in (workdir / "sft").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
 
     # A straight RL run, for reference.
-    run_rl(_config(workdir, "rl", f"trainer.output_dir={workdir / 'straight'}"))
+    # With a KL reference lacking the control tokens: loading it resizes its embeddings, which draws random numbers.
+    kl = ["algo.kl_coef=0.02", f"model.ref_path={workdir / 'base'}"]
+    run_rl(_config(workdir, "rl", f"trainer.output_dir={workdir / 'straight'}", *kl))
     straight = [json.loads(line) for line in (workdir / "straight" / "metrics.jsonl").read_text().splitlines()]
     for key in (
         "loss",
@@ -98,16 +101,19 @@ def test_sft_rl_crash_resume_eval(workdir, monkeypatch):
 
     monkeypatch.setattr(MetricsLog, "log", dies_after_step_3)
     with pytest.raises(KeyboardInterrupt):
-        run_rl(_config(workdir, "rl", f"trainer.output_dir={out}"))
+        run_rl(_config(workdir, "rl", f"trainer.output_dir={out}", *kl))
     monkeypatch.undo()
     assert _steps(out) == [1, 2, 3]
-    run_rl(_config(workdir, "rl", f"trainer.output_dir={out}"))
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss": 0.')  # and the crash cut a line short
+    run_rl(_config(workdir, "rl", f"trainer.output_dir={out}", *kl))
     assert _steps(out) == [1, 2, 3, 4]  # each step exactly once
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(straight, resumed, strict=True):  # RNG, optimizer and data position all came back
         assert a["reward_mean"] == b["reward_mean"] and a["response_tokens_mean"] == b["response_tokens_mean"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-9)
 
     config = _config(workdir, "rl", f"model.path={out}", f"trainer.output_dir={out}",
                      f"data.val_files=[{workdir / 'rl.json'}]", "rollout.n=2")  # fmt: skip
@@ -192,3 +198,48 @@ def test_sft_options_checkpointing_epochs_and_reporting(workdir, tmp_path):
     if missing:
         with pytest.raises(ConfigError, match=f"trainer.report_to={missing[0]} needs the package"):
             run_sft(_config(workdir, "sft", f"trainer.output_dir={tmp_path / 'r'}", f"trainer.report_to={missing[0]}"))
+
+
+def test_stage_folders_and_rollout_sampling(workdir, tmp_path):
+    """An RL run refuses an SFT run's folder; rollouts ignore the model's own top_k / repetition_penalty."""
+    from thinkless.train.config import ConfigError
+    from thinkless.train.model import load_model, load_tokenizer
+    from thinkless.train.rl import run_rl
+    from thinkless.train.rollout import generate, stop_token_ids
+    from thinkless.train.sft import run_sft
+
+    if not (workdir / "sft").exists():
+        run_sft(_config(workdir, "sft"))
+    with pytest.raises(ConfigError, match=r"holds a sft run \(checkpoint-6\); give rl its own output_dir"):
+        run_rl(_config(workdir, "rl", f"trainer.output_dir={workdir / 'sft'}"))
+
+    config = _config(workdir, "rl", "rollout.n=6", "rollout.max_new_tokens=8", "rollout.temperature=1.0")
+    tokenizer = load_tokenizer(str(workdir / "base"))
+    model = load_model(str(workdir / "base"), tokenizer, config, torch.device("cpu"), trainable=False)
+    model.generation_config.top_k = 1  # would make every sample the greedy one
+    model.generation_config.repetition_penalty = 3.0
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_start|>")]
+    assert stop_token_ids(model, tokenizer) == sorted(model.generation_config.eos_token_id)
+    torch.manual_seed(0)
+    ro = generate(model, tokenizer, ["<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"], config.rollout)
+    assert len({tuple(row.tolist()) for row in ro.input_ids}) > 1  # sampled, not greedy
+    P = ro.input_ids.shape[1] - 8
+    for row, mask in zip(ro.input_ids[:, P:], ro.response_mask[:, P:], strict=True):
+        stops = torch.isin(row, torch.tensor(stop_token_ids(model, tokenizer)))
+        first = int(stops.nonzero()[0]) if stops.any() else len(row) - 1
+        assert mask[: first + 1].all() and not mask[first + 1 :].any()  # up to and including the first stop
+
+
+def test_sft_data_that_leaves_nothing_to_learn(workdir, tmp_path):
+    from thinkless.train.data import DataError
+    from thinkless.train.sft import run_sft
+
+    with pytest.raises(DataError, match=r"no SFT example has a response token within data.max_length=8"):
+        run_sft(_config(workdir, "sft", f"trainer.output_dir={tmp_path / 'x'}", "data.max_length=8"))
+    (tmp_path / "only_assistant.jsonl").write_text(
+        json.dumps({"messages": [{"role": "assistant", "content": "<short>1"}]})
+    )
+    with pytest.raises(DataError, match=r"row 0: 'messages' must end with the assistant's turn, after at least one"):
+        run_sft(_config(workdir, "sft", f"data.train_files=[{tmp_path / 'only_assistant.jsonl'}]"))
+    with pytest.raises(DataError, match=r"data.train_files is empty"):
+        run_sft(_config(workdir, "sft", "data.train_files=[]"))

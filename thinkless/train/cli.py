@@ -69,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may come before and after --config: argparse leaves the later ones over, and they join the rest.
+    args, extra = parser.parse_known_args(argv)
+    for item in extra:
+        if item.startswith("-") or args.stage is None:
+            parser.error(f"unrecognized argument: {item}")
+        args.overrides.append(item)
     if args.stage is None:
         parser.print_help()
         return 0

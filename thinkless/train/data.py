@@ -79,9 +79,16 @@ def user_turn(problem: str, instruction: str) -> list[dict]:
     return [{"role": "user", "content": f"{problem.strip()} {instruction}".strip()}]
 
 
-def load_problems(files: list[str], tokenizer, config) -> list[Example]:
+def _files(files: list[str], what: str) -> list[str]:
+    if not files:
+        raise DataError(f"{what} is empty: give json, jsonl or parquet files, e.g. {what}=[train.json]")
+    return files
+
+
+def load_problems(files: list[str], tokenizer, config, what: str = "data.train_files") -> list[Example]:
     """RL / eval examples from `config.data` (problem_key, answer_key, instruction)."""
     data = config.data
+    files = _files(files, what)
     out = []
     for file in files:
         for i, row in enumerate(read_rows(file)):
@@ -96,15 +103,17 @@ def load_sft(files: list[str], tokenizer, config) -> list[Example]:
     """Warm-up examples: a prompt and a response that opens with `<short>` or `<think>`."""
     data = config.data
     out = []
-    for file in files:
+    for file in _files(files, "data.train_files"):
         for i, row in enumerate(read_rows(file)):
             where = f"{file}: row {i}"
             if row.get(data.messages_key) is not None:
                 messages = row[data.messages_key]
                 if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
                     raise DataError(f"{where}: {data.messages_key!r} must be a list of {{role, content}} turns")
-                if messages[-1].get("role") != "assistant":
-                    raise DataError(f"{where}: the last turn of {data.messages_key!r} must be the assistant's")
+                if messages[-1].get("role") != "assistant" or len(messages) < 2:
+                    raise DataError(
+                        f"{where}: {data.messages_key!r} must end with the assistant's turn, after at least one other"
+                    )
                 response = _text(messages[-1], "content", f"{where}, last turn")
                 prompt = chat_prompt(tokenizer, messages[:-1])
             else:

@@ -22,7 +22,7 @@ from thinkless.train.run import resolve_model_path, start_run
 
 
 def evaluate_file(run, file: str, config) -> dict:
-    examples = load_problems([file], run.tokenizer, config)
+    examples = load_problems([file], run.tokenizer, config, what="data.val_files")
     modes, correct, lengths = [], [], []
     for i in range(0, len(examples), max(1, config.trainer.batch_size)):
         batch = examples[i : i + config.trainer.batch_size]
@@ -51,8 +51,8 @@ def evaluate_file(run, file: str, config) -> dict:
 
 def run_eval(config) -> list[dict]:
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
-    for file in config.data.val_files:  # every file is checked before the model generates anything
-        load_problems([file], tokenizer, config)
+    for file in config.data.val_files or [None]:  # every file is checked before the model generates anything
+        load_problems([file] if file else [], tokenizer, config, what="data.val_files")
     run = start_run(config, "eval", train=False)
     out = Path(config.trainer.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)

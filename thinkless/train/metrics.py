@@ -23,13 +23,20 @@ def _plain(value):
     return value
 
 
+def _step(line: str) -> float:
+    """The step of a metrics line; a line a crash cut short (or a blank one) counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 class MetricsLog:
     def __init__(self, output_dir: str | Path, resume_step: int = 0, report_to: str = "none"):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # keep the steps up to the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [line for line in kept if json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)

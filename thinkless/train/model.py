@@ -51,7 +51,7 @@ def attention_implementation(name: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def _check_path(path: str, what: str) -> None:
+def check_model_path(path: str, what: str = "model.path") -> None:
     if not path:
         raise ModelError(f"{what} is not set: give a local folder or a hub id, e.g. {what}=Qwen/Qwen2.5-1.5B")
     # A hub id is "name" or "org/name"; anything else (./x, /abs/path, a/b/c) is a local folder.
@@ -64,7 +64,7 @@ def load_tokenizer(path: str):
     """The tokenizer, with the control tokens, a pad token and left padding (for batched generation)."""
     from transformers import AddedToken, AutoTokenizer
 
-    _check_path(path, "model.path")
+    check_model_path(path, "model.path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -86,18 +86,18 @@ def control_token_ids(tokenizer) -> dict[str, int]:
     return {token: tokenizer.convert_tokens_to_ids(token) for token in CONTROL_TOKENS}
 
 
-def load_model(path: str, tokenizer, config, device: torch.device, *, trainable: bool = True):
+def load_model(path: str, tokenizer, config, device: torch.device, *, trainable: bool = True, what="model.path"):
     """AutoModelForCausalLM from `path`, embeddings resized to the tokenizer, on `device`, per `config.model`."""
     from transformers import AutoModelForCausalLM
 
-    _check_path(path, "model.path")
+    check_model_path(path, what)
     dtype = resolve_dtype(config.model.dtype, device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, attn_implementation=attention_implementation(config.model.attn_implementation, device)
         )
     except (OSError, ValueError) as err:
-        raise ModelError(f"model.path={path!r}: cannot load a causal LM: {err}") from None
+        raise ModelError(f"{what}={path!r}: cannot load a causal LM: {err}") from None
     if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if model.generation_config is not None and model.generation_config.pad_token_id is None:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from thinkless.kernels import fused_linear_degrpo_loss, group_advantages, token_logprobs
 from thinkless.train.data import DataError, load_problems
-from thinkless.train.model import hidden_states, lm_head, load_model, load_tokenizer
+from thinkless.train.model import check_model_path, hidden_states, lm_head, load_model, load_tokenizer
 from thinkless.train.rewards import score
 from thinkless.train.rollout import Rollouts, generate
 from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
@@ -68,6 +68,10 @@ def rollout_metrics(ro: Rollouts, scores, rewards: torch.Tensor) -> dict:
     }
 
 
+def algo_needs_reference(config) -> bool:
+    return config.algo.kl_coef > 0  # the frozen reference is loaded only when the KL term is on
+
+
 def fitting_prompts(examples: list, tokenizer, config) -> list:
     """The examples whose prompt fits `data.max_prompt_tokens`; the others are dropped, with a count."""
     limit = config.data.max_prompt_tokens
@@ -83,12 +87,15 @@ def run_rl(config) -> Run:
     # Data first: a bad row must stop the run before any model is loaded.
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
     examples = fitting_prompts(load_problems(config.data.train_files, tokenizer, config), tokenizer, config)
+    if algo_needs_reference(config):
+        check_model_path(resolve_model_path(config.model.ref_path or config.model.path), "model.ref_path")
     run = start_run(config, "rl")
     trainer, algo, rollout = config.trainer, config.algo, config.rollout
     reference = None
-    if algo.kl_coef > 0:  # the frozen reference is loaded only when the KL term is on
+    if algo_needs_reference(config):
         ref_path = resolve_model_path(config.model.ref_path or config.model.path)
-        reference = load_model(ref_path, run.tokenizer, config, run.device, trainable=False)
+        reference = load_model(ref_path, run.tokenizer, config, run.device, trainable=False, what="model.ref_path")
+    run.ready()
     weight, bias = lm_head(run.model)
     bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="rl")
     for step in bar:

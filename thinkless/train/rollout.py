@@ -25,32 +25,43 @@ class Rollouts:
     lengths: torch.Tensor  # int64 [B*n]: response tokens
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's EOS and every EOS of the model's generation config (chat models have several)."""
+    stops = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return sorted(t for t in stops if t is not None)
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
     """`rollout.n` samples for each prompt, by `rollout.temperature`, `top_p`, `max_new_tokens`."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    stops = stop_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
+    # Plain temperature (and top_p) sampling, the distribution the loss's log-probs assume: the model's own
+    # generation_config (top_k, repetition_penalty, ...) must not reshape it.
     out = model.generate(
         **enc,
         do_sample=True,
         temperature=rollout.temperature,
         top_p=rollout.top_p,
+        top_k=0,
+        repetition_penalty=1.0,
         max_new_tokens=rollout.max_new_tokens,
         num_return_sequences=rollout.n,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stops,
     )
     model.train(was_training)
     P = enc["input_ids"].shape[1]
     generated = out[:, P:]
-    is_eos = generated == tokenizer.eos_token_id
-    # A response ends at its first EOS (kept: the model must learn to stop); everything after is padding.
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    response = ~after_eos
-    if tokenizer.pad_token_id != tokenizer.eos_token_id:
-        response &= generated != tokenizer.pad_token_id
+    is_stop = torch.isin(generated, torch.tensor(stops, device=generated.device))
+    # A response ends at its first stop token (kept: the model must learn to stop); everything after is padding.
+    # A pad token sampled before it is an ordinary token of the response.
+    response = (is_stop.long().cumsum(1) - is_stop.long()) == 0
     prompt_attention = enc["attention_mask"].repeat_interleave(rollout.n, dim=0)
     ids = control_token_ids(tokenizer)
     modes = [mode_of_token(int(t), ids[SHORT], ids[THINK]) for t in generated[:, 0]]

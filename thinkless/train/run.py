@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from thinkless.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from thinkless.train.config import ConfigError
 from thinkless.train.metrics import MetricsLog
 from thinkless.train.model import load_model, load_tokenizer, resolve_device
 
@@ -40,6 +41,14 @@ class Run:
     step: int  # the last completed step (0 for a fresh run)
     metrics: MetricsLog | None
     resumed_from: Path | None = None
+    rng: dict | None = None  # the checkpoint's RNG states, restored by ready()
+
+    def ready(self) -> None:
+        """Call once every model is loaded (loading a reference can draw random numbers): a resumed run gets the
+        checkpoint's RNG states back here, so it samples exactly what the uninterrupted run would have."""
+        if self.rng is not None:
+            set_rng_state(self.rng)
+            self.rng = None
 
     def save(self, step: int) -> Path:
         state = {"stage": self.stage, "data_position": step * self.config.trainer.batch_size}
@@ -59,13 +68,13 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
     """The model (from the latest checkpoint in output_dir, else model.path), optimizer, scheduler and step."""
     device = resolve_device(config.trainer.device)
     output_dir = Path(config.trainer.output_dir)
+    if train:
+        check_output_dir(config, stage)
     checkpoint = latest_checkpoint(output_dir) if train else None
     source = str(checkpoint) if checkpoint is not None else resolve_model_path(config.model.path)
     seed_everything(config.trainer.seed)
     tokenizer = load_tokenizer(source)
     model = load_model(source, tokenizer, config, device, trainable=train)
-    optimizer = scheduler = metrics = None
-    step = 0
     if train:
         algo = config.algo
         optimizer = torch.optim.AdamW(
@@ -73,16 +82,31 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
         )
         warmup = max(0, algo.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        rng, step = None, 0
         if checkpoint is not None:
             state = load_state(checkpoint)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            set_rng_state(state["rng"])
-            step = int(state["step"])
+            rng, step = state["rng"], int(state["step"])
         output_dir.mkdir(parents=True, exist_ok=True)
         config.save(output_dir / "config.yaml")
         metrics = MetricsLog(output_dir, step, config.trainer.report_to)
-    return Run(config, stage, device, output_dir, tokenizer, model, optimizer, scheduler, step, metrics, checkpoint)
+        return Run(config, stage, device, output_dir, tokenizer, model, optimizer, scheduler, step, metrics,
+                   checkpoint, rng)  # fmt: skip
+    return Run(config, stage, device, output_dir, tokenizer, model, None, None, 0, None)
+
+
+def check_output_dir(config, stage: str) -> None:
+    """A run folder belongs to one stage: resuming an SFT run as RL (or the reverse) would mix their optimizers."""
+    checkpoint = latest_checkpoint(config.trainer.output_dir)
+    if checkpoint is None:
+        return
+    found = load_state(checkpoint).get("stage", stage)
+    if found != stage:
+        raise ConfigError(
+            f"trainer.output_dir={config.trainer.output_dir!r} holds a {found} run ({checkpoint.name}); "
+            f"give {stage} its own output_dir (and model.path={config.trainer.output_dir} to start from it)"
+        )
 
 
 def batch_indices(n_examples: int, batch_size: int, step: int, seed: int) -> list[int]:

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from thinkless.kernels import fused_linear_cross_entropy
-from thinkless.train.data import Example, load_sft
+from thinkless.train.data import DataError, Example, load_sft
 from thinkless.train.model import hidden_states, lm_head, load_tokenizer
 from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
 
@@ -48,9 +48,17 @@ def run_sft(config) -> Run:
     # Data first: a bad row must stop the run before any model is loaded.
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
     examples = load_sft(config.data.train_files, tokenizer, config)
+    encoded = [encode(tokenizer, e, config.data.max_length) for e in examples]
+    trainable = [e for e in encoded if any(e[1][1:])]  # a prompt that fills max_length leaves nothing to learn
+    if len(trainable) < len(encoded):
+        print(f"thinkless: dropped {len(encoded) - len(trainable)} of {len(encoded)} SFT examples whose prompt fills "
+              f"data.max_length={config.data.max_length}")  # fmt: skip
+    if not trainable:
+        raise DataError(f"no SFT example has a response token within data.max_length={config.data.max_length}")
+    encoded = trainable
     run = start_run(config, "sft")
+    run.ready()
     trainer, algo = config.trainer, config.algo
-    encoded = [encode(run.tokenizer, e, config.data.max_length) for e in examples]
     bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="sft")
     for step in bar:
         start = time.perf_counter()
