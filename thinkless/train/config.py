@@ -76,7 +76,7 @@ class AlgoConfig:
     micro_batch_size: int = _key(4, "sequences per forward/backward (gradient accumulation)")
     lr: float = _key(1e-6, "AdamW learning rate")
     weight_decay: float = _key(0.0, "AdamW weight decay")
-    warmup_steps: int = _key(0, "linear learning-rate warmup")
+    warmup_steps: int = _key(0, "linear learning-rate warmup, in optimizer updates")
     max_grad_norm: float = _key(1.0, "gradient clipping")
 
 
@@ -92,7 +92,7 @@ class RewardsConfig:
 class TrainerConfig:
     output_dir: str = _key("thinkless-runs/run", "the run's folder: config, metrics.jsonl, checkpoints, eval")
     batch_size: int = _key(8, "prompts per step (RL) or examples per step (SFT)")
-    total_steps: int = _key(100, "optimizer steps")
+    total_steps: int = _key(100, "training steps (RL: rollout batches, each with its updates; SFT: optimizer steps)")
     save_every: int = _key(50, "write checkpoint-<step>/ every this many steps (and at the end)")
     keep_last: int = _key(2, "checkpoints kept; older ones are deleted")
     seed: int = _key(0, "random seed")

@@ -58,9 +58,12 @@ def run_eval(config) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     reports = []
     print(f"{'file':40} {'n':>6} {'accuracy':>9} {'think':>6} {'tokens':>8}")
-    for file in config.data.val_files:
+    names = [Path(f).stem for f in config.data.val_files]
+    for file, name in zip(config.data.val_files, names, strict=True):
+        if names.count(name) > 1:  # two test.json from different folders keep both reports
+            name = f"{Path(file).parent.name}_{name}"
         report = evaluate_file(run, file, config)
-        (out / f"{Path(file).stem}.json").write_text(json.dumps(report, indent=2))
+        (out / f"{name}.json").write_text(json.dumps(report, indent=2))
         print(
             f"{Path(file).name:40} {report['n']:6d} {report['accuracy']:9.3f} {report['think_ratio']:6.2f} "
             f"{report['mean_tokens']:8.1f}"

@@ -5,6 +5,7 @@ On resume the file is cut back to the checkpoint's step, so that every step appe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -51,7 +52,9 @@ class MetricsLog:
             elif report_to == "wandb":
                 import wandb
 
-                self.writer = wandb.init(project="thinkless", dir=str(output_dir), resume="allow")
+                # One W&B run per output folder, so that a resumed run continues its charts.
+                run_id = hashlib.sha1(str(Path(output_dir).resolve()).encode()).hexdigest()[:16]
+                self.writer = wandb.init(project="thinkless", dir=str(output_dir), id=run_id, resume="allow")
         except ImportError:
             raise ConfigError(f"trainer.report_to={report_to} needs the package: pip install {report_to}") from None
 

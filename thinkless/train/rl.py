@@ -36,11 +36,14 @@ def _micro(indices: list[int], size: int):
 def sequence_logprobs(model, ro: Rollouts, temperature: float, micro_batch_size: int) -> torch.Tensor:
     """[S, L-1] log-probs of every next token under `model`, chunked, without autograd (old policy, reference)."""
     weight, bias = lm_head(model)
+    was_training = model.training
+    model.eval()  # no dropout: the old policy's log-probs are a constant of the step
     out = []
     for idx in _micro(list(range(ro.input_ids.shape[0])), micro_batch_size):
         ids, attention = ro.input_ids[idx], ro.attention_mask[idx]
         hidden = hidden_states(model, ids[:, :-1], attention[:, :-1])
         out.append(token_logprobs(hidden, weight, ids[:, 1:], bias=bias, temperature=temperature))
+    model.train(was_training)
     return torch.cat(out)
 
 
