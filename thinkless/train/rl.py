@@ -90,13 +90,13 @@ def run_rl(config) -> Run:
     # Data first: a bad row must stop the run before any model is loaded.
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
     examples = fitting_prompts(load_problems(config.data.train_files, tokenizer, config), tokenizer, config)
-    if algo_needs_reference(config):
-        check_model_path(resolve_model_path(config.model.ref_path or config.model.path), "model.ref_path")
+    ref_path = resolve_model_path(config.model.ref_path or config.model.path) if algo_needs_reference(config) else None
+    if ref_path is not None:
+        check_model_path(ref_path, "model.ref_path")
     run = start_run(config, "rl")
     trainer, algo, rollout = config.trainer, config.algo, config.rollout
     reference = None
-    if algo_needs_reference(config):
-        ref_path = resolve_model_path(config.model.ref_path or config.model.path)
+    if ref_path is not None:
         reference = load_model(ref_path, run.tokenizer, config, run.device, trainable=False, what="model.ref_path")
     run.ready()
     weight, bias = lm_head(run.model)
@@ -108,7 +108,7 @@ def run_rl(config) -> Run:
         scores = [
             score(t, batch[p].answer, m, config.rewards)
             for t, m, p in zip(ro.texts, ro.modes, ro.prompt_index.tolist(), strict=True)
-        ]  # noqa: E501
+        ]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
         advantages = group_advantages(rewards, ro.prompt_index.cpu(), normalize_std=algo.normalize_std).to(run.device)
         keep = torch.ones(len(scores), dtype=torch.bool)
