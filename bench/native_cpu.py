@@ -13,7 +13,7 @@ import torch
 
 from thinkless.kernels import degrpo_loss, group_advantages
 from thinkless.kernels._backend import native_extension
-from thinkless.kernels.fused_linear import _exp_shifted_
+from thinkless.kernels._fused_linear_loop import _exp_shifted_
 
 
 def best_of(fn, rounds: int = 7) -> float:

@@ -22,11 +22,6 @@ scattered target rows), so nothing of size C x V is written twice.
 
 from __future__ import annotations
 
-import functools
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -34,29 +29,20 @@ from torch.autograd.function import once_differentiable
 from thinkless.kernels import _checks, reference
 from thinkless.kernels._backend import select_backend
 from thinkless.kernels._config import ROW_GRAD, ROW_STATS
-from thinkless.kernels._triton_utils import tl, triton
-from thinkless.kernels.degrpo_loss import (
-    KL_TYPES,
-    DeGRPOParams,
-    _backward_triton,
-    _compute_dtype,
-    check_token_inputs,
-    degrpo_loss,
-    loss_weights,
-    make_params,
+from thinkless.kernels._fused_linear_loop import (
+    _compute_dtype_of,
+    _CrossEntropyTokens,
+    _Pass,
+    _RowOps,
+    _run,
+    _Tokens,
+    chunk_rows,
 )
-
-# Logits-chunk budgets when chunk_size is not given. On CPU, every chunk streams W twice and dW once, so fewer,
-# larger chunks are faster (2-core EPYC, H=512, V=32000: 1.11x the GEMM floor at 256 rows, 1.09x at 384), while
-# 48 MiB keeps the buffer under a fifth of the logits at the benchmark shape. On a GPU the chunk should be large
-# enough that the GEMMs run at full speed and the fp32 dW is read and written few times, and small next to the
-# 80 GB of an H100.
-CHUNK_BYTES_CPU = 48 * 2**20
-CHUNK_BYTES_CUDA = 512 * 2**20
-
+from thinkless.kernels._triton_utils import tl, triton
+from thinkless.kernels.degrpo_loss import check_token_inputs, degrpo_loss, loss_weights, make_params
 
 # ----------------------------------------------------------------------------------------------------------------
-# Triton row kernels (CUDA)
+# Row kernels: Triton (CUDA) and the native extension (CPU); the chunk loop is in _fused_linear_loop.py
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -160,312 +146,12 @@ def _triton_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Per-token gradient of the DeGRPO loss
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Tokens:
-    """The per-token constants of the loss, flat [N] in chunk order, and the loss weights from the token counts."""
-
-    old: Tensor
-    adv: Tensor
-    resp: Tensor  # bool
-    ctrl: Tensor  # bool, a subset of resp
-    ref: Tensor | None
-    weights: Tensor  # [3]: control, other response, KL (loss_weights)
-    params: DeGRPOParams
-
-    def slice(self, s: int, e: int) -> _Tokens:
-        cut = lambda x: x[s:e] if x is not None else None
-        return _Tokens(
-            cut(self.old), cut(self.adv), cut(self.resp), cut(self.ctrl), cut(self.ref), self.weights, self.params
-        )
-
-    def grad(self, logp: Tensor, backend: str) -> Tensor:
-        """dL/dlogp of these tokens, by the backend's DeGRPO backward."""
-        rule = {"torch": _token_grad_torch, "triton": _token_grad_triton, "cpp": _token_grad_native}[backend]
-        return rule(logp, self)
-
-
-@dataclass
-class _CrossEntropyTokens:
-    """The token-mean cross-entropy -sum(logp) / n of SFT: every row with a gradient is a target token."""
-
-    weight: float  # 1 / n
-
-    def slice(self, s: int, e: int) -> _CrossEntropyTokens:
-        return self
-
-    def grad(self, logp: Tensor, backend: str) -> Tensor:
-        return torch.full_like(logp, -self.weight)
-
-
-def _token_grad_torch(logp: Tensor, tok: _Tokens) -> Tensor:
-    """dL/dlogp of each token, the closed form of the reference loss's autograd (ties as torch.maximum gives)."""
-    p = tok.params
-    ratio = torch.exp(logp - tok.old)
-    unclipped = -tok.adv * ratio
-    clipped = -tok.adv * torch.clamp(ratio, 1.0 - p.clip_low, 1.0 + p.clip_high)
-    dtoken = torch.where(clipped > unclipped, torch.zeros_like(ratio), -tok.adv * ratio)
-    w_control, w_response, w_kl = tok.weights.to(logp.dtype).unbind()
-    zero = torch.zeros_like(dtoken)
-    g = torch.where(tok.ctrl, w_control * dtoken, torch.where(tok.resp, w_response * dtoken, zero))
-    if tok.ref is not None and p.kl_coef != 0.0:
-        d = (logp - tok.ref).double()
-        # d k/d logp: k1 -> 1, k2 -> d, k3 = e^-d + d - 1 -> 1 - e^-d = -expm1(-d) (exact at small d)
-        dkl = {"k1": torch.ones_like(d), "k2": d, "k3": -torch.expm1(-d)}[p.kl_type]
-        g = g + torch.where(tok.resp, w_kl * dkl.to(g.dtype), zero)
-    return g
-
-
-def _token_grad_triton(logp: Tensor, tok: _Tokens) -> Tensor:
-    """The same, by the backward kernel of `degrpo_loss` on the chunk seen as one row."""
-    p = tok.params
-    has_ref = tok.ref is not None
-    row = lambda x: x.reshape(1, -1)
-    resp, ctrl = row(tok.resp).view(torch.uint8), row(tok.ctrl).view(torch.uint8)
-    ref = row(tok.ref) if has_ref else row(logp)
-    tokens = (row(logp), row(tok.old), row(tok.adv), resp, ref, ctrl)
-    n = logp.numel()
-    strides = (n, n, n, 1, n, n, n)
-    flags = dict(HAS_CONTROL_MASK=True, KL_TYPE=KL_TYPES.index(p.kl_type) + 1, COMPUTE=_compute_dtype(logp))
-    weights = tok.weights.to(logp.dtype).contiguous()
-    has_kl = has_ref and p.kl_coef != 0.0
-    return _backward_triton(tokens, strides, resp, weights, p, flags, has_kl).reshape(-1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The chunk loop
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Pass:
-    """What one pass over the rows computes, and its outputs."""
-
-    hidden: Tensor  # [N, H]
-    weight: Tensor  # [V, H]
-    bias: Tensor | None
-    targets: Tensor  # int64 [N], valid ids
-    temperature: float
-    chunk: int
-    backend: str  # the row work: "triton", "cpp" or "torch"
-    want_entropy: bool
-    tokens: _Tokens | _CrossEntropyTokens | None = None  # per-token loss constants; None: log-probs only
-    grad_rows: int = 0  # the first grad_rows rows (in the order given) are response rows that get gradients
-    need_dh: bool = False
-    need_dw: bool = False
-    need_db: bool = False
-
-
-def _chunks(n_rows: int, grad_rows: int, chunk: int):
-    """(start, end, with_grad) of every chunk. Chunks never straddle grad_rows, so rows without a gradient (padding,
-    which may hold anything) never enter a backward GEMM, and no GEMM work is spent on them."""
-    for lo, hi, with_grad in ((0, grad_rows, True), (grad_rows, n_rows, False)):
-        for s in range(lo, hi, chunk):
-            yield s, min(s + chunk, hi), with_grad
-
-
-def chunk_rows(chunk_size: int | None, n_rows: int, vocab: int, itemsize: int, device: torch.device) -> int:
-    """Rows per chunk: the given chunk_size, or as many as fit the device's logits budget (a multiple of 16)."""
-    if chunk_size is None:
-        budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
-        chunk_size = max(16, budget // max(1, vocab * itemsize) // 16 * 16)
-    return max(1, min(chunk_size, n_rows))
-
-
-def _compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _run(ps: _Pass):
-    """The chunk loop. Returns (logp [N], entropy [N] or None, dH, dW, db), gradients None where not asked.
-
-    Autocast is off inside: the GEMMs here have chosen their dtypes (fp32 accumulation, fp32 dW), and autocast
-    would silently run some of them in bf16.
-    """
-    with torch.autocast(ps.hidden.device.type, enabled=False):
-        if ps.backend == "torch":
-            return _run_torch(ps)
-        return _run_fused_rows(ps, _ROW_OPS[ps.backend])
-
-
-@dataclass(frozen=True)
-class _RowOps:
-    """A backend of the row work that writes dlogits in place (Triton on CUDA, the native extension on CPU)."""
-
-    column_layout: bool  # the chunk is a [n, V] view of a [V, n] buffer (else a contiguous [n, V] one)
-    upcast: bool  # bf16 / fp16 inputs go to fp32 for the whole pass (CPU); else GEMMs in the input dtype
-    stats: Callable  # (z, targets, inv_temp, want_entropy) -> (lse, logp, entropy)
-    grad_: Callable  # (z, targets, lse, g, inv_temp) -> None: z becomes dL/d(h W^T + b)
-
-
-def _outputs(ps: _Pass, compute: torch.dtype, work: torch.dtype, acc: torch.dtype):
-    """logp, entropy, dH, dW, db (None where not asked) and the [chunk x V] logits buffer of one pass."""
-    (N, H), V, device = ps.hidden.shape, ps.weight.shape[0], ps.hidden.device
-    logp = torch.empty(N, dtype=compute, device=device)
-    entropy = torch.empty(N, dtype=compute, device=device) if ps.want_entropy else None
-    dH = torch.zeros(N, H, dtype=work, device=device) if ps.need_dh else None
-    # Rows with gradients come first, so the first chunk writes dW (beta=0) instead of adding to zeros.
-    with_grads = ps.tokens is not None and ps.grad_rows > 0
-    dW = (torch.empty if with_grads else torch.zeros)(V, H, dtype=acc, device=device) if ps.need_dw else None
-    db = torch.zeros(V, dtype=acc, device=device) if ps.need_db else None
-    buf = torch.empty(ps.chunk * V, dtype=work, device=device)
-    return logp, entropy, dH, dW, db, buf
-
-
-def _run_fused_rows(ps: _Pass, ops: _RowOps):
-    """Steps 1-5 of the module docstring; the kernels apply 1/temperature as they read the raw logits."""
-    N, V = ps.hidden.shape[0], ps.weight.shape[0]
-    compute = _compute_dtype_of(ps.hidden.dtype)
-    work = compute if ops.upcast else ps.weight.dtype  # the dtype of the GEMMs and of the logits buffer
-    acc = compute  # dW and db accumulate in fp32 (fp64 for fp64)
-    weight = ps.weight.to(work)
-    bias = ps.bias.to(work) if ps.bias is not None else None
-    inv_temp = 1.0 / ps.temperature
-    logp, entropy, dH, dW, db, buf = _outputs(ps, compute, work, acc)
-    C = ps.chunk
-    for s, e, with_grad in _chunks(N, ps.grad_rows if ps.tokens is not None else 0, C):
-        n = e - s
-        h = ps.hidden[s:e].to(work)
-        t = ps.targets[s:e]
-        z = buf[: n * V].view(V, n).t() if ops.column_layout else buf[: n * V].view(n, V)
-        if bias is not None:
-            torch.addmm(bias, h, weight.t(), out=z)
-        else:
-            torch.mm(h, weight.t(), out=z)
-        lse, lp, ent = ops.stats(z, t, inv_temp, ps.want_entropy)
-        logp[s:e] = lp
-        if ps.want_entropy:
-            entropy[s:e] = ent
-        if not with_grad:
-            continue
-        g = ps.tokens.slice(s, e).grad(lp, ps.backend) * inv_temp
-        ops.grad_(z, t, lse, g, inv_temp)  # z is now dL/d(h W^T + b)
-        if dH is not None:
-            torch.mm(z, weight, out=dH[s:e])
-        if dW is not None:
-            _accumulate(dW, z.t(), h, first=s == 0)
-        if db is not None:
-            db += z.sum(0, dtype=acc)
-    return logp, entropy, dH, dW, db
-
-
-def _run_torch(ps: _Pass):
-    """The same pass with the row work in torch ops (see the module docstring for its shape)."""
-    N, V = ps.hidden.shape[0], ps.weight.shape[0]
-    compute = _compute_dtype_of(ps.hidden.dtype)
-    inv_temp = 1.0 / ps.temperature
-    weight = ps.weight.to(compute)
-    bias = ps.bias.to(compute) if ps.bias is not None else None
-    logp, entropy, dH, dW, db, buf = _outputs(ps, compute, compute, compute)
-    C = ps.chunk
-    for s, e, with_grad in _chunks(N, ps.grad_rows if ps.tokens is not None else 0, C):
-        n = e - s
-        h = ps.hidden[s:e].to(compute)
-        t = ps.targets[s:e]
-        # [V, n] storage, [n, V] view: the chunk GEMM writes it at full speed even for small n (measured on a
-        # 2-core EPYC: 0.32 s vs 0.38 s for eight 256-row chunks at H=512, V=32000).
-        zs = buf[: n * V].view(V, n)
-        z = zs.t()
-        if bias is not None:
-            torch.addmm(bias, h, weight.t(), beta=inv_temp, alpha=inv_temp, out=z)
-        elif inv_temp == 1.0:
-            torch.mm(h, weight.t(), out=z)
-        else:
-            torch.addmm(z, h, weight.t(), beta=0.0, alpha=inv_temp, out=z)
-        m = zs.amax(0)
-        z_target = z.gather(1, t[:, None]).squeeze(1)
-        ssum, sz = _exp_shifted_(zs.sub_(m), ps.want_entropy)  # zs is now E = exp(z - m)
-        log_s = ssum.log()
-        lse = m + log_s
-        lp = z_target - lse
-        logp[s:e] = lp
-        if ps.want_entropy:
-            entropy[s:e] = log_s - sz / ssum
-        if not with_grad:
-            continue
-        E = z
-        g = ps.tokens.slice(s, e).grad(lp, "torch") * inv_temp
-        coef = g / ssum  # g * softmax = coef * E
-        if dH is not None:
-            dH[s:e] = g[:, None] * weight[t] - coef[:, None] * torch.mm(E, weight)
-        if dW is not None:
-            _accumulate(dW, E.t(), coef[:, None] * h, first=s == 0, alpha=-1.0)
-            dW.index_add_(0, t, g[:, None] * h)
-        if db is not None:
-            db.addmv_(E.t(), coef, alpha=-1.0)
-            db.index_add_(0, t, g)
-    return logp, entropy, dH, dW, db
-
-
-def _exp_shifted_(zs: Tensor, want_entropy: bool, block_bytes: int = 2 * 2**20):
-    """zs [V, n] holds z - max per column; make it E = exp(z - max) in place and return (sum E, sum E (z - max)).
-
-    Walks contiguous slabs of vocabulary entries: each slab's exp goes to a small temporary while its z - max is
-    still there for the entropy sum, then replaces it. 2 MiB slabs stay in L2 (on the 2-core EPYC: 14 ms per
-    384 x 32000 chunk, against 21 ms with 8 MiB slabs). Every term is relative to the max, so the entropy of a
-    confident row (~0) cancels nothing large; the slab sums are added up in a cascade.
-    """
-    V, n = zs.shape
-    if not want_entropy:
-        return zs.exp_().sum(0), None
-    slab = max(1, block_bytes // max(1, n * zs.element_size()))
-    ssum = torch.zeros(n, dtype=zs.dtype, device=zs.device)
-    sz = torch.zeros(n, dtype=zs.dtype, device=zs.device)
-    for v in range(0, V, slab):
-        d = zs[v : v + slab]
-        e = torch.exp(d)
-        ssum += e.sum(0)
-        sz += (e * d).sum(0)
-        d.copy_(e)
-    return ssum, sz
-
-
-@functools.cache
-def _warn_low_precision_dw():
-    warnings.warn(
-        "thinkless: this torch cannot accumulate a bf16/fp16 GEMM into fp32 (torch.addmm out_dtype); dW partial "
-        "sums are rounded to the input dtype once per chunk",
-        stacklevel=3,
-    )
-
-
-def _accumulate(acc: Tensor, a: Tensor, b: Tensor, *, first: bool, alpha: float = 1.0) -> None:
-    """acc (+)= alpha * a @ b, acc in fp32 (fp64) and a, b possibly bf16/fp16; `first` overwrites acc."""
-    beta = 0.0 if first else 1.0
-    if a.dtype == acc.dtype:
-        torch.addmm(acc, a, b, beta=beta, alpha=alpha, out=acc)
-    elif acc.device.type == "cuda":
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, beta=beta, alpha=alpha, out=acc)
-        except (RuntimeError, TypeError):
-            _warn_low_precision_dw()
-            prod = (a @ b).to(acc.dtype) * alpha
-            acc.copy_(prod) if first else acc.add_(prod)
-    else:  # CPU tensors on the Triton path (interpreter tests): take the chunk up to fp32
-        torch.addmm(acc, a.to(acc.dtype), b.to(acc.dtype), beta=beta, alpha=alpha, out=acc)
-
-
 def _native_stats(z, targets, inv_temp, want_entropy):
     return torch.ops.thinkless.row_stats(z, targets, inv_temp, want_entropy)
 
 
 def _native_grad_(z, targets, lse, g, inv_temp):
     torch.ops.thinkless.row_grad_(z, targets, lse, g.contiguous(), inv_temp)
-
-
-def _token_grad_native(logp: Tensor, tok: _Tokens) -> Tensor:
-    """dL/dlogp by the native backward of `degrpo_loss`, the chunk seen as one row."""
-    p = tok.params
-    row = lambda x: x.reshape(1, -1)
-    has_kl = tok.ref is not None and p.kl_coef != 0.0
-    return torch.ops.thinkless.degrpo_backward(
-        row(logp), row(tok.old), row(tok.adv), row(tok.resp), row(tok.ref) if has_kl else None, row(tok.ctrl),
-        tok.weights.to(logp.dtype), p.clip_low, p.clip_high, KL_TYPES.index(p.kl_type) + 1, has_kl,
-    ).reshape(-1)  # fmt: skip
 
 
 _ROW_OPS = {
@@ -500,7 +186,7 @@ class FusedLinearDeGRPOFunction(torch.autograd.Function):
             bias=bias.detach() if bias is not None else None,
             **ps_fields,
         )
-        logp, entropy, dH, dW, db = _run(ps)
+        logp, entropy, dH, dW, db = _run(ps, _ROW_OPS)
         ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (dH, dW, db)))
         ctx.has = (dH is not None, dW is not None, db is not None)
         ctx.dtypes = (hidden2d.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -614,7 +300,7 @@ def token_logprobs(
     with torch.no_grad():
         ps = _Pass(h2.detach(), weight.detach(), None if bias is None else bias.detach(), target_ids.reshape(-1).long(),
                    temperature, chunk, rows, bool(return_entropy))  # fmt: skip
-        logp, entropy, *_ = _run(ps)
+        logp, entropy, *_ = _run(ps, _ROW_OPS)
     logp = logp.view(target_ids.shape)
     return (logp, entropy.view(target_ids.shape)) if return_entropy else logp
 
