@@ -21,8 +21,7 @@ from thinkless.train.rollout import generate
 from thinkless.train.run import resolve_model_path, start_run
 
 
-def evaluate_file(run, file: str, config) -> dict:
-    examples = load_problems([file], run.tokenizer, config, what="data.val_files")
+def evaluate_file(run, file: str, examples: list, config) -> dict:
     modes, correct, lengths = [], [], []
     for i in range(0, len(examples), max(1, config.trainer.batch_size)):
         batch = examples[i : i + config.trainer.batch_size]
@@ -51,8 +50,10 @@ def evaluate_file(run, file: str, config) -> dict:
 
 def run_eval(config) -> list[dict]:
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
-    for file in config.data.val_files or [None]:  # every file is checked before the model generates anything
-        load_problems([file] if file else [], tokenizer, config, what="data.val_files")
+    # Every file is read and checked once, before the model generates anything.
+    if not config.data.val_files:
+        load_problems([], tokenizer, config, what="data.val_files")  # raises: the list is empty
+    examples = {file: load_problems([file], tokenizer, config, what="data.val_files") for file in config.data.val_files}
     run = start_run(config, "eval", train=False)
     out = Path(config.trainer.output_dir) / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,7 @@ def run_eval(config) -> list[dict]:
     for file, name in zip(config.data.val_files, names, strict=True):
         if names.count(name) > 1:  # two test.json from different folders keep both reports
             name = f"{Path(file).parent.name}_{name}"
-        report = evaluate_file(run, file, config)
+        report = evaluate_file(run, file, examples[file], config)
         (out / f"{name}.json").write_text(json.dumps(report, indent=2))
         print(
             f"{Path(file).name:40} {report['n']:6d} {report['accuracy']:9.3f} {report['think_ratio']:6.2f} "
