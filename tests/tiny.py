@@ -4,10 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
-# The real math problems at ../shared/data from the project root (see its README); THINKLESS_DATA overrides.
-DATA = Path(os.environ.get("THINKLESS_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+def _shared_data() -> Path:
+    """The real math problems: THINKLESS_DATA, else ../shared/data from the project root (see its README), else the
+    same beside the repository this one was cloned from (a throwaway clone made elsewhere, as CI checks do)."""
+    if os.environ.get("THINKLESS_DATA"):
+        return Path(os.environ["THINKLESS_DATA"])
+    root = Path(__file__).resolve().parents[1]
+    candidates = [root.parent / "shared" / "data"]
+    origin = subprocess.run(
+        ["git", "-C", str(root), "config", "--get", "remote.origin.url"], capture_output=True, text=True
+    ).stdout.strip()
+    if origin and "://" not in origin:
+        candidates.append(Path(origin).resolve().parent / "shared" / "data")
+    found = next((c for c in candidates if (c / "math_train.json").is_file()), None)
+    if found is None:
+        raise FileNotFoundError(f"no shared math data in {[str(c) for c in candidates]}; set THINKLESS_DATA")
+    return found
+
+
+DATA = _shared_data()
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
