@@ -19,10 +19,11 @@ def test_help_lists_the_stages(exe):
         assert stage in out
 
 
-def test_stage_not_yet_available_fails_cleanly(exe):
-    proc = subprocess.run([exe, "demo", "rollout.n=8"], capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and "not available" in proc.stderr
+def test_demo_help_shows_the_demo_defaults(exe):
+    out = subprocess.run([exe, "demo", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "trainer.output_dir = 'thinkless-runs/demo'" in out and "rollout.temperature = 1.0" in out
+    rl = subprocess.run([exe, "rl", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "trainer.output_dir = 'thinkless-runs/run'" in rl and "rollout.temperature = 0.6" in rl
 
 
 def test_stage_help_lists_every_setting(exe):

@@ -89,3 +89,32 @@ def test_text_settings_stay_text():
 def test_out_of_range_settings_fail_at_once(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_lr_schedules_match_torch(kind):
+    import torch
+
+    from thinkless.train.run import lr_lambda, planned_updates
+
+    config = load_config(None, [f"algo.lr_scheduler={kind}", "trainer.total_steps=10", "trainer.batch_size=8",
+                                "algo.mini_batch_size=4", "algo.ppo_epochs=2"])  # fmt: skip
+    total = planned_updates(config, "rl")
+    assert total == 10 * 2 * 2 and planned_updates(config, "sft") == 10
+    ours = lr_lambda(config.algo, total)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    if kind == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    elif kind == "linear":
+        sched = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0, end_factor=0.0, total_iters=total)
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0)
+    for s in range(total):
+        assert ours(s) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12), s
+        opt.step()
+        sched.step()
+    # A warmup rises linearly to the peak, then the decay starts from it.
+    warm = lr_lambda(load_config(None, [f"algo.lr_scheduler={kind}", "algo.warmup_steps=4"]).algo, 20)
+    assert [warm(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and warm(4) == 1.0
+    with pytest.raises(ConfigError, match="algo.lr_scheduler"):
+        load_config(None, ["algo.lr_scheduler=step"])

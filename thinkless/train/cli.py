@@ -1,10 +1,11 @@
 """`thinkless-train`: the command-line entry point.
 
     thinkless-train {sft,rl,eval,demo} [--config FILE.yaml] [key=value ...]
+    thinkless-train                      # the demo: a tiny model learns when to think, on CPU, in minutes
 
 Settings are read and checked first (`thinkless.train.config`), then the data, then the model: a user mistake in
-any of them exits with status 2 and one line that names it, before any training. `demo` arrives with its own
-issue; until then it says so and exits with status 2 rather than pretending to run.
+any of them exits with status 2 and one line that names it, before any training. The demo starts from its own
+defaults (`thinkless.demo.run.DEFAULTS`); every key overrides them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ def _run_eval(config):
     run_eval(config)
 
 
-RUNNERS = {"sft": _run_sft, "rl": _run_rl, "eval": _run_eval}
+def _run_demo(config):
+    from thinkless.demo.run import run_demo
+
+    run_demo(config)
+
+
+RUNNERS = {"sft": _run_sft, "rl": _run_rl, "eval": _run_eval, "demo": _run_demo}
 
 STAGES = {
     "sft": "warm-up distillation on hybrid <short>/<think> data",
@@ -54,12 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"thinkless {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="{" + ",".join(STAGES) + "}")
+    from thinkless.demo.run import DEFAULTS as DEMO_DEFAULTS
+
     for name, help_text in STAGES.items():
         stage = sub.add_parser(
             name,
             help=help_text,
             description=help_text,
-            epilog="settings (section.key = default  # meaning):\n" + describe(),
+            epilog="settings (section.key = default  # meaning):\n"
+            + describe(DEMO_DEFAULTS if name == "demo" else None),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         stage.add_argument("--config", metavar="FILE.yaml", help="a YAML file of settings")
@@ -75,14 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         if item.startswith("-") or args.stage is None:
             parser.error(f"unrecognized argument: {item}")
         args.overrides.append(item)
-    if args.stage is None:
-        parser.print_help()
-        return 0
+    if args.stage is None:  # a bare `thinkless-train` runs the demo
+        args.stage, args.config, args.overrides = "demo", None, []
     try:
-        config = load_config(args.config, args.overrides)
-        if args.stage in RUNNERS:
-            RUNNERS[args.stage](config)
-            return 0
+        from thinkless.demo.run import DEFAULTS as DEMO_DEFAULTS
+
+        config = load_config(args.config, args.overrides, defaults=DEMO_DEFAULTS if args.stage == "demo" else None)
+        RUNNERS[args.stage](config)
+        return 0
     except (ConfigError, DataError, ModelError) as err:
         print(f"thinkless-train {args.stage}: error: {err}", file=sys.stderr)
         return 2
@@ -90,12 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"thinkless-train {args.stage}: interrupted; run it again to resume from the last checkpoint",
               file=sys.stderr)  # fmt: skip
         return 130
-    print(
-        f"thinkless-train {args.stage}: this stage is not available in thinkless {__version__} yet; "
-        "the kernels are (see `python -c 'import thinkless.kernels; help(thinkless.kernels)'`).",
-        file=sys.stderr,
-    )
-    return 2
 
 
 if __name__ == "__main__":

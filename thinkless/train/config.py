@@ -48,6 +48,7 @@ class DataConfig:
     response_key: str = _key("response", "SFT: column holding the target response, starting with its control token")
     messages_key: str = _key("messages", "SFT: column holding a chat [{role, content}, ...] instead")
     instruction: str = _key(INSTRUCTION, "appended to every problem in the user turn")
+    tag_key: str = _key("", "RL: column that tags each problem (e.g. level); metrics are also reported per tag")
     max_prompt_tokens: int = _key(1024, "prompts longer than this are dropped (with a count in the log)")
     max_length: int = _key(8192, "SFT: longest prompt + response in tokens; longer examples are truncated")
 
@@ -77,6 +78,7 @@ class AlgoConfig:
     lr: float = _key(1e-6, "AdamW learning rate")
     weight_decay: float = _key(0.0, "AdamW weight decay")
     warmup_steps: int = _key(0, "linear learning-rate warmup, in optimizer updates")
+    lr_scheduler: str = _key("constant", "after the warmup: constant, cosine or linear (decay to 0 at the last step)")
     max_grad_norm: float = _key(1.0, "gradient clipping")
 
 
@@ -100,6 +102,17 @@ class TrainerConfig:
     report_to: str = _key("none", "none, tensorboard or wandb")
 
 
+@dataclass
+class DemoConfig:
+    levels: int = _key(5, "demo only: difficulty levels (1..levels digits per operand)")
+    mix: str = _key("3,1", "demo only: RL problems per level, easiest first, the last repeating (3x more 1-digit)")
+    warmup_steps: int = _key(700, "demo only: warm-up SFT steps")
+    warmup_batch_size: int = _key(128, "demo only: warm-up SFT examples per step")
+    warmup_lr: float = _key(1e-3, "demo only: warm-up SFT peak learning rate (cosine decay)")
+    eval_problems: int = _key(500, "demo only: problems per level in the before/after evaluation")
+    hidden_size: int = _key(128, "demo only: width of the tiny Qwen2 (2 layers)")
+
+
 SECTIONS = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -107,6 +120,7 @@ SECTIONS = {
     "algo": AlgoConfig,
     "rewards": RewardsConfig,
     "trainer": TrainerConfig,
+    "demo": DemoConfig,
 }
 
 
@@ -118,6 +132,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -178,9 +193,14 @@ def _set(config: Config, dotted: str, value) -> None:
     setattr(getattr(config, section), key, _coerce(dotted, value, kinds[key]))
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then the `section.key=value` overrides, in that order."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), defaults: dict | None = None
+) -> Config:
+    """Defaults (`defaults`, {"section.key": value}, over the dataclasses'), then the YAML file, then the
+    `section.key=value` overrides, in that order."""
     config = Config()
+    for dotted, value in (defaults or {}).items():
+        _set(config, dotted, value)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -237,16 +257,21 @@ def validate(config: Config) -> None:
         ("algo.alpha", a.alpha, 0), ("algo.clip_low", a.clip_low, 0), ("algo.clip_high", a.clip_high, 0),
         ("algo.kl_coef", a.kl_coef, 0), ("algo.weight_decay", a.weight_decay, 0),
         ("data.max_prompt_tokens", config.data.max_prompt_tokens, 1), ("data.max_length", config.data.max_length, 2),
+        ("demo.levels", config.demo.levels, 1), ("demo.warmup_steps", config.demo.warmup_steps, 0),
+        ("demo.warmup_batch_size", config.demo.warmup_batch_size, 1),
+        ("demo.eval_problems", config.demo.eval_problems, 1), ("demo.hidden_size", config.demo.hidden_size, 8),
     ]:  # fmt: skip
         _at_least(name, value, low)
     _at_least("rollout.temperature", r.temperature, 0, strict=True)
     _at_least("algo.lr", a.lr, 0, strict=True)
+    _at_least("demo.warmup_lr", config.demo.warmup_lr, 0, strict=True)
     _at_least("algo.max_grad_norm", a.max_grad_norm, 0, strict=True)
     if not 0 < r.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p!r}")
     choices = {
         "algo.kl_type": (a.kl_type, ("k1", "k2", "k3")),
         "rollout.engine": (r.engine, ("hf",)),
+        "algo.lr_scheduler": (a.lr_scheduler, ("constant", "cosine", "linear")),
         "trainer.report_to": (t.report_to, ("none", "tensorboard", "wandb")),
         "model.dtype": (config.model.dtype, ("auto", "bfloat16", "float16", "float32")),
         "model.attn_implementation": (config.model.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2")),
@@ -258,12 +283,15 @@ def validate(config: Config) -> None:
         raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:<index>, got {t.device!r}")
 
 
-def describe() -> str:
-    """Every key with its default and help, for `--help`."""
+def describe(defaults: dict | None = None) -> str:
+    """Every key with its default (`defaults` over the dataclasses') and help, for `--help`."""
+    config = Config()
+    for dotted, value in (defaults or {}).items():
+        _set(config, dotted, value)
     lines = []
     for section, cls in SECTIONS.items():
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            default = getattr(getattr(config, section), f.name)
             lines.append(f"  {section}.{f.name} = {default!r}  # {f.metadata['help']}")
     return "\n".join(lines)

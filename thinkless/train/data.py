@@ -28,6 +28,7 @@ class Example:
     answer: str = ""  # RL / eval: the reference final answer
     response: str = ""  # SFT: the target response, opening with its control token
     source: str = ""  # "<file>:<row>", for messages and reports
+    tag: str = ""  # RL: the value of `data.tag_key` (e.g. a level), which splits the metrics
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -94,8 +95,9 @@ def load_problems(files: list[str], tokenizer, config, what: str = "data.train_f
         for i, row in enumerate(read_rows(file)):
             where = f"{file}: row {i}"
             problem, answer = _text(row, data.problem_key, where), _text(row, data.answer_key, where)
+            tag = _text(row, data.tag_key, where) if data.tag_key else ""
             prompt = chat_prompt(tokenizer, user_turn(problem, data.instruction))
-            out.append(Example(prompt=prompt, answer=answer, source=f"{file}:{i}"))
+            out.append(Example(prompt=prompt, answer=answer, source=f"{file}:{i}", tag=tag))
     return out
 
 

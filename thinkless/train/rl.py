@@ -47,6 +47,18 @@ def sequence_logprobs(model, ro: Rollouts, temperature: float, micro_batch_size:
     return torch.cat(out)
 
 
+def tag_metrics(ro: Rollouts, scores, tags: list[str]) -> dict:
+    """think_ratio, acc and response_tokens of each tag's samples (`data.tag_key`), as `think_ratio/<tag>`."""
+    out = {}
+    sample_tags = [tags[p] for p in ro.prompt_index.tolist()]
+    for tag in sorted(set(sample_tags)):
+        rows = [i for i, t in enumerate(sample_tags) if t == tag]
+        out[f"think_ratio/{tag}"] = sum(ro.modes[i] == "think" for i in rows) / len(rows)
+        out[f"acc/{tag}"] = sum(scores[i].correct for i in rows) / len(rows)
+        out[f"response_tokens/{tag}"] = sum(int(ro.lengths[i]) for i in rows) / len(rows)
+    return out
+
+
 def rollout_metrics(ro: Rollouts, scores, rewards: torch.Tensor) -> dict:
     modes = ro.modes
     lengths = ro.lengths.float().cpu()
@@ -153,6 +165,7 @@ def run_rl(config) -> Run:
             {
                 **{k: v / max(n_updates, 1) for k, v in sums.items()},
                 **rollout_metrics(ro, scores, rewards),
+                **(tag_metrics(ro, scores, [e.tag for e in batch]) if config.data.tag_key else {}),
                 "updates": n_updates,
                 "grad_norm": grad_norm,
                 "lr": run.scheduler.get_last_lr()[0],

@@ -6,6 +6,7 @@ scheduler, RNG states and step all come from it, and `metrics.jsonl` is cut back
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,8 +81,7 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=algo.lr, weight_decay=algo.weight_decay
         )
-        warmup = max(0, algo.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(algo, planned_updates(config, stage)))
         rng, step = None, 0
         if checkpoint is not None:
             state = load_state(checkpoint)
@@ -94,6 +94,33 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
         return Run(config, stage, device, output_dir, tokenizer, model, optimizer, scheduler, step, metrics,
                    checkpoint, rng)  # fmt: skip
     return Run(config, stage, device, output_dir, tokenizer, model, None, None, 0, None)
+
+
+def planned_updates(config, stage: str) -> int:
+    """Optimizer updates of the whole run (SFT: one per step; RL: ppo_epochs x mini-batches per step)."""
+    t, a = config.trainer, config.algo
+    if stage != "rl":
+        return t.total_steps
+    minis = -(-t.batch_size // (a.mini_batch_size or t.batch_size))
+    return t.total_steps * a.ppo_epochs * minis
+
+
+def lr_lambda(algo, total: int):
+    """The learning-rate factor of update `s` (0-based): linear warmup, then constant, cosine or linear decay to 0
+    at the run's last planned update."""
+    warmup = max(0, algo.warmup_steps)
+
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if algo.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        if algo.lr_scheduler == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
 
 
 def check_output_dir(config, stage: str) -> None:
