@@ -144,7 +144,8 @@ def test_bad_input_fails_before_training_with_one_line(workdir, tmp_path):
 
 
 def test_rl_with_kl_filtered_groups_and_short_prompts(workdir, capsys):
-    """The reference model and its KL term, zero-variance groups dropped, long prompts dropped with a count."""
+    """The reference model and its KL term (padding-free), zero-variance groups dropped, long prompts dropped with a
+    count."""
     from thinkless.train.rl import run_rl
 
     if not (workdir / "sft").exists():
@@ -153,6 +154,7 @@ def test_rl_with_kl_filtered_groups_and_short_prompts(workdir, capsys):
         run_sft(_config(workdir, "sft"))
     out = workdir / "kl"
     kl = ["algo.kl_coef=0.05", "algo.kl_type=k3", f"model.ref_path={workdir / 'base'}"]
+    kl += ["algo.padding_free=true", "algo.micro_batch_tokens=400"]  # packed, dynamic micro-batches
     config = _config(
         workdir, "rl", f"trainer.output_dir={out}", "trainer.total_steps=2", "data.max_prompt_tokens=150", *kl
     )

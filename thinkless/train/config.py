@@ -75,6 +75,8 @@ class AlgoConfig:
     ppo_epochs: int = _key(1, "passes over each batch of rollouts")
     mini_batch_size: int = _key(0, "prompts per optimizer step within a batch; 0: the whole batch")
     micro_batch_size: int = _key(4, "sequences per forward/backward (gradient accumulation)")
+    micro_batch_tokens: int = _key(0, "with padding_free: tokens per micro-batch (dynamic); 0: micro_batch_size")
+    padding_free: bool = _key(False, "pack each micro-batch into one row (positions restart; no padding computed)")
     lr: float = _key(1e-6, "AdamW learning rate")
     weight_decay: float = _key(0.0, "AdamW weight decay")
     warmup_steps: int = _key(0, "linear learning-rate warmup, in optimizer updates")
@@ -253,7 +255,8 @@ def validate(config: Config) -> None:
         ("trainer.save_every", t.save_every, 1), ("trainer.keep_last", t.keep_last, 1),
         ("rollout.n", r.n, 1), ("rollout.max_new_tokens", r.max_new_tokens, 1),
         ("algo.ppo_epochs", a.ppo_epochs, 1), ("algo.mini_batch_size", a.mini_batch_size, 0),
-        ("algo.micro_batch_size", a.micro_batch_size, 1), ("algo.warmup_steps", a.warmup_steps, 0),
+        ("algo.micro_batch_size", a.micro_batch_size, 1),
+        ("algo.micro_batch_tokens", a.micro_batch_tokens, 0), ("algo.warmup_steps", a.warmup_steps, 0),
         ("algo.alpha", a.alpha, 0), ("algo.clip_low", a.clip_low, 0), ("algo.clip_high", a.clip_high, 0),
         ("algo.kl_coef", a.kl_coef, 0), ("algo.weight_decay", a.weight_decay, 0),
         ("data.max_prompt_tokens", config.data.max_prompt_tokens, 1), ("data.max_length", config.data.max_length, 2),

@@ -120,10 +120,16 @@ def load_model(path: str, tokenizer, config, device: torch.device, *, trainable:
     return model
 
 
-def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T, H] final hidden states (after the last norm), the input of the lm_head; no logits are formed."""
-    # Positions count real tokens only, as `generate` counts them for left-padded prompts.
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+def hidden_states(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, T, H] final hidden states (after the last norm), the input of the lm_head; no logits are formed.
+
+    Padded rows: give `attention_mask`; positions count real tokens only, as `generate` counts them for
+    left-padded prompts. Packed rows (`thinkless.train.packing`): no mask, and `position_ids` that restart at
+    each sequence, from which `transformers` builds the block-diagonal mask (or flash-attn's varlen call)."""
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     )

@@ -22,29 +22,63 @@ from tqdm import tqdm
 from thinkless.kernels import fused_linear_degrpo_loss, group_advantages, token_logprobs
 from thinkless.train.data import DataError, load_problems
 from thinkless.train.model import check_model_path, hidden_states, lm_head, load_model, load_tokenizer
+from thinkless.train.packing import pack, token_budget_batches
 from thinkless.train.rewards import score
 from thinkless.train.rollout import Rollouts, generate
 from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
 
 
-def _micro(indices: list[int], size: int):
-    for i in range(0, len(indices), max(1, size)):
-        yield indices[i : i + size]
+def micro_batches(ro: Rollouts, rows: list[int], algo) -> list[list[int]]:
+    """`algo.micro_batch_size` sequences each, or with `padding_free` and `micro_batch_tokens`, as many sequences
+    as fit that many tokens (dynamic micro-batches: a batch of short answers takes fewer steps)."""
+    if algo.padding_free and algo.micro_batch_tokens > 0:
+        return token_budget_batches(ro.attention_mask.sum(1).tolist(), rows, algo.micro_batch_tokens)
+    size = max(1, algo.micro_batch_size)
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
 
 @torch.no_grad()
-def sequence_logprobs(model, ro: Rollouts, temperature: float, micro_batch_size: int) -> torch.Tensor:
+def sequence_logprobs(model, ro: Rollouts, temperature: float, algo) -> torch.Tensor:
     """[S, L-1] log-probs of every next token under `model`, chunked, without autograd (old policy, reference)."""
     weight, bias = lm_head(model)
     was_training = model.training
     model.eval()  # no dropout: the old policy's log-probs are a constant of the step
-    out = []
-    for idx in _micro(list(range(ro.input_ids.shape[0])), micro_batch_size):
-        ids, attention = ro.input_ids[idx], ro.attention_mask[idx]
-        hidden = hidden_states(model, ids[:, :-1], attention[:, :-1])
-        out.append(token_logprobs(hidden, weight, ids[:, 1:], bias=bias, temperature=temperature))
+    S, L = ro.input_ids.shape
+    out = torch.zeros(S, L - 1, dtype=torch.float32, device=ro.input_ids.device)
+    for idx in micro_batches(ro, list(range(S)), algo):
+        if algo.padding_free:
+            p = pack(ro.input_ids, ro.attention_mask, None, idx)
+            hidden = hidden_states(model, p.input_ids, None, p.position_ids)
+            logp = token_logprobs(hidden, weight, p.target_ids, bias=bias, temperature=temperature)
+            out[p.rows, p.cols] = logp.reshape(-1).float()
+        else:
+            ids, attention = ro.input_ids[idx], ro.attention_mask[idx]
+            hidden = hidden_states(model, ids[:, :-1], attention[:, :-1])
+            out[idx] = token_logprobs(hidden, weight, ids[:, 1:], bias=bias, temperature=temperature).float()
     model.train(was_training)
-    return torch.cat(out)
+    return out
+
+
+def policy_loss(model, ro: Rollouts, idx: list[int], old_logp, ref_logp, advantages, config):
+    """The DeGRPO loss and metrics of one micro-batch of sequences, padded or packed (`algo.padding_free`)."""
+    algo = config.algo
+    weight, bias = lm_head(model)
+    options = dict(
+        bias=bias, temperature=config.rollout.temperature, alpha=algo.alpha, clip_low=algo.clip_low,
+        clip_high=algo.clip_high, kl_coef=algo.kl_coef, kl_type=algo.kl_type, decoupled=algo.decoupled,
+    )  # fmt: skip
+    if algo.padding_free:
+        p = pack(ro.input_ids, ro.attention_mask, ro.response_mask, idx)
+        hidden = hidden_states(model, p.input_ids, None, p.position_ids)
+        return fused_linear_degrpo_loss(
+            hidden, weight, p.target_ids, p.gather(old_logp), p.per_sequence(advantages[idx]), p.loss_mask,
+            ref_logp=p.gather(ref_logp) if ref_logp is not None else None, control_mask=p.control_mask, **options,
+        )  # fmt: skip
+    hidden = hidden_states(model, ro.input_ids[idx, :-1], ro.attention_mask[idx, :-1])
+    return fused_linear_degrpo_loss(
+        hidden, weight, ro.input_ids[idx, 1:], old_logp[idx], advantages[idx], ro.response_mask[idx, 1:],
+        ref_logp=ref_logp[idx] if ref_logp is not None else None, **options,
+    )  # fmt: skip
 
 
 def tag_metrics(ro: Rollouts, scores, tags: list[str]) -> dict:
@@ -111,7 +145,6 @@ def run_rl(config) -> Run:
     if ref_path is not None:
         reference = load_model(ref_path, run.tokenizer, config, run.device, trainable=False, what="model.ref_path")
     run.ready()
-    weight, bias = lm_head(run.model)
     bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="rl")
     for step in bar:
         start = time.perf_counter()
@@ -128,9 +161,8 @@ def run_rl(config) -> Run:
             for g in ro.prompt_index.unique().cpu():
                 members = ro.prompt_index.cpu() == g
                 keep[members] = bool(rewards[members].std() > 0) if members.sum() > 1 else False
-        targets, mask = ro.input_ids[:, 1:], ro.response_mask[:, 1:]
-        old_logp = sequence_logprobs(run.model, ro, rollout.temperature, algo.micro_batch_size)
-        ref_logp = sequence_logprobs(reference, ro, rollout.temperature, algo.micro_batch_size) if reference else None
+        old_logp = sequence_logprobs(run.model, ro, rollout.temperature, algo)
+        ref_logp = sequence_logprobs(reference, ro, rollout.temperature, algo) if reference else None
 
         prompts = sorted(set(ro.prompt_index[keep.to(ro.prompt_index.device)].tolist()))
         per_mini = algo.mini_batch_size or len(prompts) or 1
@@ -141,14 +173,8 @@ def run_rl(config) -> Run:
                 chosen = set(prompts[m0 : m0 + per_mini])
                 rows = [i for i, p in enumerate(ro.prompt_index.tolist()) if p in chosen and keep[i]]
                 run.optimizer.zero_grad(set_to_none=True)
-                for idx in _micro(rows, algo.micro_batch_size):
-                    hidden = hidden_states(run.model, ro.input_ids[idx, :-1], ro.attention_mask[idx, :-1])
-                    loss, metrics = fused_linear_degrpo_loss(
-                        hidden, weight, targets[idx], old_logp[idx], advantages[idx], mask[idx],
-                        bias=bias, ref_logp=ref_logp[idx] if ref_logp is not None else None,
-                        temperature=rollout.temperature, alpha=algo.alpha, clip_low=algo.clip_low,
-                        clip_high=algo.clip_high, kl_coef=algo.kl_coef, kl_type=algo.kl_type, decoupled=algo.decoupled,
-                    )  # fmt: skip
+                for idx in micro_batches(ro, rows, algo):
+                    loss, metrics = policy_loss(run.model, ro, idx, old_logp, ref_logp, advantages, config)
                     share = len(idx) / len(rows)
                     (loss * share).backward()
                     metrics["loss"] = loss.detach()

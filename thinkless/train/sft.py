@@ -18,6 +18,7 @@ from tqdm import tqdm
 from thinkless.kernels import fused_linear_cross_entropy
 from thinkless.train.data import DataError, Example, load_sft
 from thinkless.train.model import hidden_states, lm_head, load_tokenizer
+from thinkless.train.packing import pack, token_budget_batches
 from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
 
 
@@ -34,14 +35,30 @@ def pad_right(rows: list[list], value) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
-def sft_loss(model, tokenizer, encoded: list[tuple[list[int], list[bool]]], device) -> tuple[torch.Tensor, dict]:
-    """Token-mean cross-entropy of one micro-batch; each position predicts the next token."""
+def sft_loss(
+    model, tokenizer, encoded: list[tuple[list[int], list[bool]]], device, padding_free: bool = False
+) -> tuple[torch.Tensor, dict]:
+    """Token-mean cross-entropy of one micro-batch; each position predicts the next token (packed into one row
+    with `padding_free`)."""
     ids = pad_right([e[0] for e in encoded], tokenizer.pad_token_id).to(device)
     counted = pad_right([e[1] for e in encoded], False).to(device)
     attention = pad_right([[1] * len(e[0]) for e in encoded], 0).to(device)
-    hidden = hidden_states(model, ids[:, :-1], attention[:, :-1])
     weight, bias = lm_head(model)
+    if padding_free:
+        p = pack(ids, attention, counted, list(range(len(encoded))))
+        hidden = hidden_states(model, p.input_ids, None, p.position_ids)
+        return fused_linear_cross_entropy(hidden, weight, p.target_ids, p.loss_mask, bias=bias)
+    hidden = hidden_states(model, ids[:, :-1], attention[:, :-1])
     return fused_linear_cross_entropy(hidden, weight, ids[:, 1:], counted[:, 1:], bias=bias)
+
+
+def sft_micro_batches(batch: list, algo) -> list[list]:
+    """`algo.micro_batch_size` examples each, or with `padding_free` and `micro_batch_tokens`, by token budget."""
+    if algo.padding_free and algo.micro_batch_tokens > 0:
+        rows = token_budget_batches([len(ids) for ids, _ in batch], list(range(len(batch))), algo.micro_batch_tokens)
+        return [[batch[i] for i in r] for r in rows]
+    size = max(1, algo.micro_batch_size)
+    return [batch[i : i + size] for i in range(0, len(batch), size)]
 
 
 def run_sft(config) -> Run:
@@ -66,9 +83,8 @@ def run_sft(config) -> Run:
         n_tokens = sum(sum(counted[1:]) for _, counted in batch)
         run.optimizer.zero_grad(set_to_none=True)
         loss_sum, entropy_sum = 0.0, 0.0
-        for i in range(0, len(batch), max(1, algo.micro_batch_size)):
-            micro = batch[i : i + algo.micro_batch_size]
-            loss, metrics = sft_loss(run.model, run.tokenizer, micro, run.device)
+        for micro in sft_micro_batches(batch, algo):
+            loss, metrics = sft_loss(run.model, run.tokenizer, micro, run.device, algo.padding_free)
             share = metrics["tokens"].item() / max(n_tokens, 1)  # token-mean over the whole batch
             (loss * share).backward()
             loss_sum += loss.item() * share
