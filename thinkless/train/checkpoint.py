@@ -50,12 +50,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, state: dict, keep_last: int) -> Path:
-    """Write checkpoint-<step>/ atomically (tmp folder, then rename) and delete all but the last `keep_last`."""
+def save_checkpoint(
+    output_dir: str | Path, step: int, model, tokenizer, state: dict, keep_last: int, state_dict: dict | None = None
+) -> Path:
+    """Write checkpoint-<step>/ atomically (tmp folder, then rename) and delete all but the last `keep_last`.
+    `state_dict`: the full weights of a sharded model (FSDP2), gathered by the caller."""
     out = Path(output_dir)
     final, tmp = out / f"checkpoint-{step}", out / f"checkpoint-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    _plain_architecture(model, tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     if final.exists():
@@ -69,3 +73,15 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, state: 
 def load_state(checkpoint: str | Path) -> dict:
     # The state holds optimizer tensors, RNG states and plain Python values: written by us, so weights_only=False.
     return torch.load(Path(checkpoint) / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _plain_architecture(model, folder: Path) -> None:
+    """FSDP2 renames a model's class (FSDPQwen2ForCausalLM); config.json keeps the class `from_pretrained` knows."""
+    import json
+
+    name = next(c.__name__ for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("architectures") != [name]:
+        config["architectures"] = [name]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

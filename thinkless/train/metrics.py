@@ -75,3 +75,13 @@ class MetricsLog:
             self.writer.close()
         elif self.writer is not None:
             self.writer.finish()
+
+
+class NullLog:
+    """The metrics of a rank other than 0: values are formed (for the progress bar) but nothing is written."""
+
+    def log(self, step: int, metrics: dict) -> dict:
+        return {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+
+    def close(self) -> None:
+        pass

@@ -130,10 +130,19 @@ def hidden_states(
     each sequence, from which `transformers` builds the block-diagonal mask (or flash-attn's varlen call)."""
     if position_ids is None:
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = model.get_decoder()(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    )
-    return out.last_hidden_state
+    # The whole model runs (its lm_head on the last position only, `logits_to_keep=1`) and the decoder's output is
+    # taken on the way: FSDP2 gathers the outer parameters (embeddings, norm, lm_head) in the root module's forward,
+    # so calling the decoder alone would leave them sharded. Read the lm_head weight after this call.
+    captured = []
+    handle = model.get_decoder().register_forward_hook(lambda module, args, out: captured.append(out[0]))
+    try:
+        model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+            logits_to_keep=1,
+        )  # fmt: skip
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -20,12 +20,14 @@ import torch
 from tqdm import tqdm
 
 from thinkless.kernels import fused_linear_degrpo_loss, group_advantages, token_logprobs
+from thinkless.train.config import ConfigError
 from thinkless.train.data import DataError, load_problems
+from thinkless.train.dist import Dist, shard_model
 from thinkless.train.model import check_model_path, hidden_states, lm_head, load_model, load_tokenizer
 from thinkless.train.packing import pack, token_budget_batches
 from thinkless.train.rewards import score
-from thinkless.train.rollout import Rollouts, generate
-from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
+from thinkless.train.rollout import Rollouts, generate, merge_rollouts
+from thinkless.train.run import Run, batch_indices, grad_norm_value, resolve_model_path, start_run
 
 
 def micro_batches(ro: Rollouts, rows: list[int], algo) -> list[list[int]]:
@@ -38,45 +40,67 @@ def micro_batches(ro: Rollouts, rows: list[int], algo) -> list[list[int]]:
 
 
 @torch.no_grad()
-def sequence_logprobs(model, ro: Rollouts, temperature: float, algo) -> torch.Tensor:
-    """[S, L-1] log-probs of every next token under `model`, chunked, without autograd (old policy, reference)."""
-    weight, bias = lm_head(model)
+def sequence_logprobs(model, ro: Rollouts, temperature: float, algo, rows=None, d: Dist | None = None):
+    """[S, L-1] log-probs of every next token under `model`, chunked, without autograd (old policy, reference).
+    Only `rows` (default: all) are filled; with a sharded model pass `d`, and every rank runs as many passes."""
     was_training = model.training
     model.eval()  # no dropout: the old policy's log-probs are a constant of the step
     S, L = ro.input_ids.shape
     out = torch.zeros(S, L - 1, dtype=torch.float32, device=ro.input_ids.device)
-    for idx in micro_batches(ro, list(range(S)), algo):
+    rows = list(range(S)) if rows is None else rows
+    batches = micro_batches(ro, rows, algo)
+    for idx in d.aligned(batches) if d is not None else batches:
+        if idx is None:  # a pass that only keeps this rank's collectives in step with the others
+            hidden_states(model, ro.input_ids[:1, :-1], ro.attention_mask[:1, :-1])
+            continue
         if algo.padding_free:
             p = pack(ro.input_ids, ro.attention_mask, None, idx)
             hidden = hidden_states(model, p.input_ids, None, p.position_ids)
+            weight, bias = lm_head(model)  # after the forward: gathered there when sharded
             logp = token_logprobs(hidden, weight, p.target_ids, bias=bias, temperature=temperature)
             out[p.rows, p.cols] = logp.reshape(-1).float()
         else:
             ids, attention = ro.input_ids[idx], ro.attention_mask[idx]
             hidden = hidden_states(model, ids[:, :-1], attention[:, :-1])
+            weight, bias = lm_head(model)
             out[idx] = token_logprobs(hidden, weight, ids[:, 1:], bias=bias, temperature=temperature).float()
     model.train(was_training)
     return out
 
 
+def all_logprobs(model, ro: Rollouts, temperature: float, algo, d: Dist, sharded: bool) -> torch.Tensor:
+    """[S, L-1] log-probs, each rank computing its contiguous share of the rows, then gathered."""
+    if d.world == 1:
+        return sequence_logprobs(model, ro, temperature, algo)
+    rows = d.shard(list(range(ro.input_ids.shape[0])))
+    part = sequence_logprobs(model, ro, temperature, algo, rows, d if sharded else None)
+    return torch.cat([p.to(ro.input_ids.device) for p in d.gather(part[rows].cpu())])
+
+
+def _to_cpu(ro: Rollouts) -> Rollouts:
+    moved = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in vars(ro).items()}
+    return Rollouts(**moved)
+
+
 def policy_loss(model, ro: Rollouts, idx: list[int], old_logp, ref_logp, advantages, config):
     """The DeGRPO loss and metrics of one micro-batch of sequences, padded or packed (`algo.padding_free`)."""
     algo = config.algo
-    weight, bias = lm_head(model)
     options = dict(
-        bias=bias, temperature=config.rollout.temperature, alpha=algo.alpha, clip_low=algo.clip_low,
+        temperature=config.rollout.temperature, alpha=algo.alpha, clip_low=algo.clip_low,
         clip_high=algo.clip_high, kl_coef=algo.kl_coef, kl_type=algo.kl_type, decoupled=algo.decoupled,
     )  # fmt: skip
     if algo.padding_free:
         p = pack(ro.input_ids, ro.attention_mask, ro.response_mask, idx)
         hidden = hidden_states(model, p.input_ids, None, p.position_ids)
+        weight, bias = lm_head(model)  # after the forward: gathered there when sharded
         return fused_linear_degrpo_loss(
-            hidden, weight, p.target_ids, p.gather(old_logp), p.per_sequence(advantages[idx]), p.loss_mask,
+            hidden, weight, p.target_ids, p.gather(old_logp), p.per_sequence(advantages[idx]), p.loss_mask, bias=bias,
             ref_logp=p.gather(ref_logp) if ref_logp is not None else None, control_mask=p.control_mask, **options,
         )  # fmt: skip
     hidden = hidden_states(model, ro.input_ids[idx, :-1], ro.attention_mask[idx, :-1])
+    weight, bias = lm_head(model)
     return fused_linear_degrpo_loss(
-        hidden, weight, ro.input_ids[idx, 1:], old_logp[idx], advantages[idx], ro.response_mask[idx, 1:],
+        hidden, weight, ro.input_ids[idx, 1:], old_logp[idx], advantages[idx], ro.response_mask[idx, 1:], bias=bias,
         ref_logp=ref_logp[idx] if ref_logp is not None else None, **options,
     )  # fmt: skip
 
@@ -103,6 +127,7 @@ def rollout_metrics(ro: Rollouts, scores, rewards: torch.Tensor) -> dict:
     per_group = [correct[groups == g] for g in groups.unique()]
     mean = lambda x, m: x[m].float().mean().item() if m.any() else 0.0  # noqa: E731
     return {
+        "samples": len(scores),
         "reward_mean": rewards.mean().item(),
         "think_ratio": think.float().mean().item(),
         "acc": correct.float().mean().item(),
@@ -140,20 +165,32 @@ def run_rl(config) -> Run:
     if ref_path is not None:
         check_model_path(ref_path, "model.ref_path")
     run = start_run(config, "rl")
-    trainer, algo, rollout = config.trainer, config.algo, config.rollout
+    trainer, algo, rollout, d = config.trainer, config.algo, config.rollout, run.dist
+    if trainer.batch_size < d.world:
+        raise ConfigError(f"trainer.batch_size={trainer.batch_size} gives some of the {d.world} ranks no prompt")
     reference = None
     if ref_path is not None:
         reference = load_model(ref_path, run.tokenizer, config, run.device, trainable=False, what="model.ref_path")
+        reference = shard_model(reference, d)
     run.ready()
-    bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="rl")
+    bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="rl",
+               disable=not d.is_main)  # fmt: skip
     for step in bar:
         start = time.perf_counter()
         batch = [examples[i] for i in batch_indices(len(examples), trainer.batch_size, step, trainer.seed)]
-        ro = generate(run.model, run.tokenizer, [e.prompt for e in batch], rollout)
+        # Each rank samples for its share of the prompts; the rollouts and their scores are then gathered, so
+        # that every rank holds the whole batch and the group advantages are exact.
+        mine = d.shard(batch)
+        sampler = run.sync_rollout_model()
+        ro = generate(sampler, run.tokenizer, [e.prompt for e in mine], rollout)
         scores = [
-            score(t, batch[p].answer, m, config.rewards)
+            score(t, mine[p].answer, m, config.rewards)
             for t, m, p in zip(ro.texts, ro.modes, ro.prompt_index.tolist(), strict=True)
         ]
+        if d.world > 1:
+            parts = d.gather((_to_cpu(ro), scores, len(mine)))
+            ro = merge_rollouts([p[0] for p in parts], [p[2] for p in parts], run.device)
+            scores = [s for p in parts for s in p[1]]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
         advantages = group_advantages(rewards, ro.prompt_index.cpu(), normalize_std=algo.normalize_std).to(run.device)
         keep = torch.ones(len(scores), dtype=torch.bool)
@@ -161,29 +198,33 @@ def run_rl(config) -> Run:
             for g in ro.prompt_index.unique().cpu():
                 members = ro.prompt_index.cpu() == g
                 keep[members] = bool(rewards[members].std() > 0) if members.sum() > 1 else False
-        old_logp = sequence_logprobs(run.model, ro, rollout.temperature, algo)
-        ref_logp = sequence_logprobs(reference, ro, rollout.temperature, algo) if reference else None
+        # The old policy's log-probs come from the sampler (the same weights; no collective in a plain copy).
+        old_logp = all_logprobs(sampler, ro, rollout.temperature, algo, d, sharded=sampler is run.model)
+        ref_logp = all_logprobs(reference, ro, rollout.temperature, algo, d, sharded=True) if reference else None
 
         prompts = sorted(set(ro.prompt_index[keep.to(ro.prompt_index.device)].tolist()))
         per_mini = algo.mini_batch_size or len(prompts) or 1
         keys = ("loss", "control_loss", "response_loss", "clip_frac", "kl", "entropy")
-        sums, n_updates, grad_norm = dict.fromkeys(keys, 0.0), 0, torch.zeros(())
+        sums, n_updates, grad_norm = dict.fromkeys(keys, 0.0), 0, 0.0
         for _ in range(algo.ppo_epochs):
             for m0 in range(0, len(prompts), per_mini):
                 chosen = set(prompts[m0 : m0 + per_mini])
                 rows = [i for i, p in enumerate(ro.prompt_index.tolist()) if p in chosen and keep[i]]
                 run.optimizer.zero_grad(set_to_none=True)
-                for idx in micro_batches(ro, rows, algo):
-                    loss, metrics = policy_loss(run.model, ro, idx, old_logp, ref_logp, advantages, config)
-                    share = len(idx) / len(rows)
-                    (loss * share).backward()
+                for idx in d.aligned(micro_batches(ro, d.shard(rows), algo)):
+                    dummy = idx is None  # keeps FSDP's collectives in step: zero weight
+                    loss, metrics = policy_loss(run.model, ro, idx or rows[:1], old_logp, ref_logp, advantages, config)
+                    share = 0.0 if dummy else len(idx) / len(rows)
+                    # The sum over ranks of these is the single-process loss; FSDP averages, loss_scale undoes it.
+                    (loss * share * d.loss_scale).backward()
                     metrics["loss"] = loss.detach()
                     for key in keys:
                         sums[key] += metrics[key].item() * share
-                grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), algo.max_grad_norm)
+                grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(run.model.parameters(), algo.max_grad_norm))
                 run.optimizer.step()
                 run.scheduler.step()
                 n_updates += 1
+        sums = {k: d.sum(v) for k, v in sums.items()}
         seconds = time.perf_counter() - start
         tokens = int(ro.attention_mask.sum())
         row = run.metrics.log(

@@ -23,6 +23,32 @@ class Rollouts:
     modes: list[str | None]  # "short", "think" or None, from the first generated token
     texts: list[str]  # the decoded responses (control tokens kept)
     lengths: torch.Tensor  # int64 [B*n]: response tokens
+    prompt_width: int = 0  # P: the columns of the left-padded prompts
+
+
+def merge_rollouts(parts: list[Rollouts], prompts: list[int], device) -> Rollouts:
+    """The rollouts of several ranks (`prompts[i]` prompts each) as one batch, in order: prompt indices offset,
+    rows re-padded to a common prompt and response width."""
+    P = max(r.prompt_width for r in parts)
+    R = max(r.input_ids.shape[1] - r.prompt_width for r in parts)
+
+    def place(t: torch.Tensor, width: int) -> torch.Tensor:
+        out = t.new_zeros((t.shape[0], P + R))
+        out[:, P - width : P - width + t.shape[1]] = t
+        return out
+
+    offsets = [sum(prompts[:i]) for i in range(len(parts))]
+    cat = lambda ts: torch.cat(ts).to(device)  # noqa: E731
+    return Rollouts(
+        input_ids=cat([place(r.input_ids, r.prompt_width) for r in parts]),
+        attention_mask=cat([place(r.attention_mask, r.prompt_width) for r in parts]),
+        response_mask=cat([place(r.response_mask, r.prompt_width) for r in parts]),
+        prompt_index=cat([r.prompt_index + o for r, o in zip(parts, offsets, strict=True)]),
+        modes=[m for r in parts for m in r.modes],
+        texts=[t for r in parts for t in r.texts],
+        lengths=cat([r.lengths for r in parts]),
+        prompt_width=P,
+    )
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -76,4 +102,5 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
         modes=modes,
         texts=texts,
         lengths=response.sum(1),
+        prompt_width=P,
     )

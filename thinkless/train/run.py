@@ -6,16 +6,25 @@ scheduler, RNG states and step all come from it, and `metrics.jsonl` is cut back
 
 from __future__ import annotations
 
+import copy
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from thinkless.train.checkpoint import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from thinkless.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
 from thinkless.train.config import ConfigError
-from thinkless.train.metrics import MetricsLog
+from thinkless.train.dist import (
+    Dist,
+    full_model_state,
+    full_optimizer_state,
+    init_distributed,
+    load_optimizer_state,
+    shard_model,
+)
+from thinkless.train.metrics import MetricsLog, NullLog
 from thinkless.train.model import load_model, load_tokenizer, resolve_device
 
 
@@ -43,6 +52,16 @@ class Run:
     metrics: MetricsLog | None
     resumed_from: Path | None = None
     rng: dict | None = None  # the checkpoint's RNG states, restored by ready()
+    dist: Dist = field(default_factory=Dist)
+    rollout_model: torch.nn.Module | None = None  # several ranks: a plain copy of the policy for generation
+
+    def sync_rollout_model(self) -> torch.nn.Module:
+        """The model that generates: the policy itself, or with several ranks its plain copy, refreshed from the
+        sharded policy (generation runs a different number of forwards per rank: no collective may run there)."""
+        if self.rollout_model is None:
+            return self.model
+        self.rollout_model.load_state_dict(full_model_state(self.model, self.dist))
+        return self.rollout_model
 
     def ready(self) -> None:
         """Call once every model is loaded (loading a reference can draw random numbers): a resumed run gets the
@@ -50,12 +69,32 @@ class Run:
         if self.rng is not None:
             set_rng_state(self.rng)
             self.rng = None
+        elif self.dist.world > 1:
+            # Models load with the same seed on every rank (new embedding rows must agree); rollouts then differ.
+            # (A rank that a resumed run did not have also lands here.)
+            seed_everything(self.config.trainer.seed + 1000 * self.dist.rank + self.step)
 
     def save(self, step: int) -> Path:
+        """Every rank calls it (the states are gathered); rank 0 writes."""
+        d = self.dist
         state = {"stage": self.stage, "data_position": step * self.config.trainer.batch_size}
         if self.optimizer is not None:
-            state.update(optimizer=self.optimizer.state_dict(), scheduler=self.scheduler.state_dict())
-        return save_checkpoint(self.output_dir, step, self.model, self.tokenizer, state, self.config.trainer.keep_last)
+            state.update(
+                optimizer=full_optimizer_state(self.model, self.optimizer, d), scheduler=self.scheduler.state_dict()
+            )
+        weights = full_model_state(self.model, d) if d.world > 1 else None
+        state["rng_per_rank"] = d.gather(rng_state())
+        path = self.output_dir / f"checkpoint-{step}"
+        if d.is_main:
+            path = save_checkpoint(
+                self.output_dir, step, self.model, self.tokenizer, state, self.config.trainer.keep_last, weights
+            )
+        d.barrier()
+        return path
+
+
+def grad_norm_value(norm) -> float:
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # a DTensor under FSDP2
 
 
 def seed_everything(seed: int) -> None:
@@ -67,7 +106,10 @@ def seed_everything(seed: int) -> None:
 
 def start_run(config, stage: str, *, train: bool = True) -> Run:
     """The model (from the latest checkpoint in output_dir, else model.path), optimizer, scheduler and step."""
+    d = init_distributed(config.trainer.device)
     device = resolve_device(config.trainer.device)
+    if d.world > 1 and device.type == "cuda":
+        device = torch.device("cuda", d.local_rank)
     output_dir = Path(config.trainer.output_dir)
     if train:
         check_output_dir(config, stage)
@@ -78,6 +120,10 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
     model = load_model(source, tokenizer, config, device, trainable=train)
     if train:
         algo = config.algo
+        rollout_model = None
+        if d.world > 1 and stage == "rl":
+            rollout_model = copy.deepcopy(model).eval().requires_grad_(False)
+        model = shard_model(model, d)
         optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=algo.lr, weight_decay=algo.weight_decay
         )
@@ -85,15 +131,20 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
         rng, step = None, 0
         if checkpoint is not None:
             state = load_state(checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(model, optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            rng, step = state["rng"], int(state["step"])
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(output_dir / "config.yaml")
-        metrics = MetricsLog(output_dir, step, config.trainer.report_to)
+            step = int(state["step"])
+            # Each rank its own RNG stream back; a rank the saved run did not have starts from its seed.
+            per_rank = state.get("rng_per_rank") or [state["rng"]]
+            rng = per_rank[d.rank] if d.rank < len(per_rank) else None
+        if d.is_main:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            config.save(output_dir / "config.yaml")
+        metrics = MetricsLog(output_dir, step, config.trainer.report_to) if d.is_main else NullLog()
+        d.barrier()
         return Run(config, stage, device, output_dir, tokenizer, model, optimizer, scheduler, step, metrics,
-                   checkpoint, rng)  # fmt: skip
-    return Run(config, stage, device, output_dir, tokenizer, model, None, None, 0, None)
+                   checkpoint, rng, d, rollout_model)  # fmt: skip
+    return Run(config, stage, device, output_dir, tokenizer, model, None, None, 0, None, dist=d)
 
 
 def planned_updates(config, stage: str) -> int:

@@ -19,7 +19,7 @@ from thinkless.kernels import fused_linear_cross_entropy
 from thinkless.train.data import DataError, Example, load_sft
 from thinkless.train.model import hidden_states, lm_head, load_tokenizer
 from thinkless.train.packing import pack, token_budget_batches
-from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
+from thinkless.train.run import Run, batch_indices, grad_norm_value, resolve_model_path, start_run
 
 
 def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[bool]]:
@@ -43,12 +43,13 @@ def sft_loss(
     ids = pad_right([e[0] for e in encoded], tokenizer.pad_token_id).to(device)
     counted = pad_right([e[1] for e in encoded], False).to(device)
     attention = pad_right([[1] * len(e[0]) for e in encoded], 0).to(device)
-    weight, bias = lm_head(model)
     if padding_free:
         p = pack(ids, attention, counted, list(range(len(encoded))))
         hidden = hidden_states(model, p.input_ids, None, p.position_ids)
+        weight, bias = lm_head(model)  # after the forward: gathered there when sharded
         return fused_linear_cross_entropy(hidden, weight, p.target_ids, p.loss_mask, bias=bias)
     hidden = hidden_states(model, ids[:, :-1], attention[:, :-1])
+    weight, bias = lm_head(model)
     return fused_linear_cross_entropy(hidden, weight, ids[:, 1:], counted[:, 1:], bias=bias)
 
 
@@ -75,21 +76,25 @@ def run_sft(config) -> Run:
     encoded = trainable
     run = start_run(config, "sft")
     run.ready()
-    trainer, algo = config.trainer, config.algo
-    bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="sft")
+    trainer, algo, d = config.trainer, config.algo, run.dist
+    bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="sft",
+               disable=not d.is_main)  # fmt: skip
     for step in bar:
         start = time.perf_counter()
         batch = [encoded[i] for i in batch_indices(len(encoded), trainer.batch_size, step, trainer.seed)]
-        n_tokens = sum(sum(counted[1:]) for _, counted in batch)
+        n_tokens = sum(sum(counted[1:]) for _, counted in batch)  # the whole batch's: every rank knows it
+        mine = d.shard(batch)
         run.optimizer.zero_grad(set_to_none=True)
         loss_sum, entropy_sum = 0.0, 0.0
-        for micro in sft_micro_batches(batch, algo):
-            loss, metrics = sft_loss(run.model, run.tokenizer, micro, run.device, algo.padding_free)
-            share = metrics["tokens"].item() / max(n_tokens, 1)  # token-mean over the whole batch
-            (loss * share).backward()
+        for micro in d.aligned(sft_micro_batches(mine, algo)):
+            loss, metrics = sft_loss(run.model, run.tokenizer, micro or batch[:1], run.device, algo.padding_free)
+            # Token-mean over the whole batch; a None micro-batch only keeps FSDP's collectives in step.
+            share = 0.0 if micro is None else metrics["tokens"].item() / max(n_tokens, 1)
+            (loss * share * d.loss_scale).backward()
             loss_sum += loss.item() * share
             entropy_sum += metrics["entropy"].item() * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), algo.max_grad_norm)
+        loss_sum, entropy_sum = d.sum(loss_sum), d.sum(entropy_sum)
+        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(run.model.parameters(), algo.max_grad_norm))
         run.optimizer.step()
         run.scheduler.step()
         seconds = time.perf_counter() - start
