@@ -60,3 +60,27 @@ def test_missing_model_is_named(tmp_path):
         load_tokenizer("")
     with pytest.raises(ModelError, match="model.dtype must be auto or one of"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_liger_patches_swap_the_layers_of_qwen2_and_llama(kind):
+    """The instance patches applied on CUDA (RoPE is a module-level patch: left out here, it would reach the other
+    CPU tests of this process)."""
+    pytest.importorskip("liger_kernel")
+    import transformers
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+
+    from thinkless.train.model import apply_liger
+
+    cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+           "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[kind]  # fmt: skip
+    config = cls[0](vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2)  # fmt: skip
+    model = cls[1](config)
+    assert apply_liger(model, rope=False)
+    # Liger binds its forwards to the existing modules (the weights stay where they are).
+    layers = model.model.layers
+    for norm in (model.model.norm, layers[0].input_layernorm, layers[1].post_attention_layernorm):
+        assert norm.forward.__func__ is LigerRMSNorm.forward
+    assert all(layer.mlp.forward.__func__ is LigerSwiGLUMLP.forward for layer in model.model.layers)

@@ -104,12 +104,7 @@ def load_model(path: str, tokenizer, config, device: torch.device, *, trainable:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.to(device)
     if device.type == "cuda" and config.model.liger and importlib.util.find_spec("liger_kernel") is not None:
-        from liger_kernel.transformers import _apply_liger_kernel_to_instance
-
-        # Only the layer patches: the loss is ours, so Liger's cross-entropy stays off.
-        _apply_liger_kernel_to_instance(
-            model=model, rms_norm=True, rope=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
-        )
+        apply_liger(model)
     if trainable:
         model.train()
         if config.model.gradient_checkpointing:
@@ -118,6 +113,25 @@ def load_model(path: str, tokenizer, config, device: torch.device, *, trainable:
     else:
         model.eval().requires_grad_(False)
     return model
+
+
+def apply_liger(model, *, rope: bool = True) -> bool:
+    """Liger-Kernel's layer patches (RMSNorm, RoPE, SwiGLU) on this model instance; False if Liger does not know
+    its architecture. The losses are ours, so Liger's (fused linear) cross-entropy stays off. Qwen2 and Llama go
+    through their own entry points; other architectures through Liger's dispatch by model type."""
+    import liger_kernel.transformers as liger
+
+    patches = {"qwen2": liger.apply_liger_kernel_to_qwen2, "llama": liger.apply_liger_kernel_to_llama}
+    kind = getattr(model.config, "model_type", "")
+    options = dict(rope=rope, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
+    if kind in patches:
+        patches[kind](model=model, **options)
+        return True
+    try:
+        liger._apply_liger_kernel_to_instance(model=model, **options)
+    except (ValueError, NotImplementedError, TypeError):  # an architecture Liger has no patch for
+        return False
+    return True
 
 
 def hidden_states(
