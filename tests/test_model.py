@@ -1,5 +1,7 @@
 """Loading the policy: a tiny Qwen2 and a tokenizer made in the test, control tokens added, hidden states path."""
 
+import sys
+
 import pytest
 import tiny
 import torch
@@ -63,7 +65,7 @@ def test_missing_model_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_liger_patches_swap_the_layers_of_qwen2_and_llama(kind):
+def test_liger_patches_swap_the_layers_of_qwen2_and_llama(kind, monkeypatch):
     """The instance patches applied on CUDA (RoPE is a module-level patch: left out here, it would reach the other
     CPU tests of this process)."""
     pytest.importorskip("liger_kernel")
@@ -78,6 +80,11 @@ def test_liger_patches_swap_the_layers_of_qwen2_and_llama(kind):
     config = cls[0](vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2)  # fmt: skip
     model = cls[1](config)
+    # Liger also swaps the classes in transformers' modeling module (for models built later): undo that after the
+    # test, or the other CPU tests of this process would build Liger's Triton layers.
+    module = sys.modules[cls[1].__module__]
+    for name, value in list(vars(module).items()):
+        monkeypatch.setattr(module, name, value)
     assert apply_liger(model, rope=False)
     # Liger binds its forwards to the existing modules (the weights stay where they are).
     layers = model.model.layers
