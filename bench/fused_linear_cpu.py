@@ -19,108 +19,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
 
+import _common
 import torch
+from _cases import build as build_case
+from _common import peak_rss_growth
 
 IMPLEMENTATIONS = ("thinkless", "thinkless_torch", "liger", "eager_torch")
+# thinkless: the default CPU backend (the native row kernels when thinkless._C is built); thinkless_torch: the
+# same chunk loop with its row work in torch ops. The implementations themselves live in _cases.py.
+CASE_NAMES = {"eager_torch": "torch"}
 
 
-def make_inputs(n_tokens: int, hidden: int, vocab: int, seq: int, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    B, T = n_tokens // seq, seq
-    h = torch.randn(B, T, hidden, generator=gen) / hidden**0.5 * 4
-    w = torch.randn(vocab, hidden, generator=gen) * 0.5
-    targets = torch.randint(0, vocab, (B, T), generator=gen)
-    old = -torch.rand(B, T, generator=gen) * 3 - 8
-    adv = torch.randn(B, generator=gen)
-    mask = torch.ones(B, T, dtype=torch.bool)
-    return h, w, targets, old, adv, mask
-
-
-def build(name: str, h, w, targets, old, adv, mask):
-    """A closure running one forward + backward of `name` (fresh leaves, so each run allocates its gradients)."""
-    if name == "gemm_floor":
-        N, H = h.shape[0] * h.shape[1], h.shape[2]
-        h2 = h.reshape(N, H)
-        z = torch.empty(N, w.shape[0])
-        dH, dW = torch.empty(N, H), torch.empty_like(w)
-
-        def run():
-            torch.mm(h2, w.t(), out=z)
-            torch.mm(z, w, out=dH)
-            torch.mm(z.t(), h2, out=dW)
-
-        return run
-    if name in ("thinkless", "thinkless_torch"):
-        # thinkless: the default CPU backend (the native row kernels when thinkless._C is built);
-        # thinkless_torch: the same chunk loop with its row work in torch ops.
-        from thinkless.kernels import fused_linear_degrpo_loss
-
-        backend = "torch" if name == "thinkless_torch" else None
-
-        def run():
-            hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
-            loss, _ = fused_linear_degrpo_loss(hh, ww, targets, old, adv, mask, backend=backend)
-            loss.backward()
-            return hh.grad, ww.grad
-
-        return run
-    if name == "liger":
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-        # Token-mean GRPO without a KL term, PPO clipping from the old log-probs: the work our loss does.
-        loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo")
-
-        def run():
-            hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
-            out = loss_fn(hh, ww, targets, mask.long(), adv, old_per_token_logps=old)
-            (out[0] if isinstance(out, tuple) else out).backward()
-            return hh.grad, ww.grad
-
-        return run
-    if name == "eager_torch":
-        from thinkless.kernels import reference
-
-        def run():
-            hh, ww = h.detach().requires_grad_(True), w.detach().requires_grad_(True)
-            loss, _ = reference.fused_linear_degrpo_loss(hh, ww, targets, old, adv, mask)
-            loss.backward()
-            return hh.grad, ww.grad
-
-        return run
-    raise ValueError(name)
-
-
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def build(name: str, args):
+    """A closure running one forward + backward of `name` (fresh leaves, so each run allocates its gradients);
+    it returns the gradients. `gemm_floor`: the three GEMMs, outputs preallocated."""
+    shape = dict(N=args.tokens, H=args.hidden, V=args.vocab, seq=args.seq, dtype="fp32")
+    impl = build_case("fused_linear_degrpo_loss", CASE_NAMES.get(name, name), shape, "cpu")
+    return lambda: impl.backward(impl.forward())
 
 
 def measure_memory(args) -> dict:
     """Subprocess body: peak resident memory growth of one forward + backward, beyond the gradients it returns."""
-    inputs = make_inputs(args.tokens, args.hidden, args.vocab, args.seq)
-    run = build(args.measure, *inputs)
+    run = build(args.measure, args)
     run()  # warm-up (MKL buffers, torch.compile of Liger); the gradients are dropped
     run()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM, the peak resident set size
-    before = _rss_kib("VmRSS:")
-    grads = run()
-    growth = (_rss_kib("VmHWM:") - before) * 1024
+    growth, grads = peak_rss_growth(run)
     return {"extra_bytes": growth - sum(g.numel() * g.element_size() for g in grads)}
 
 
 def measure_time(args) -> dict:
     """Subprocess body: the best time of one implementation and of the GEMM floor, in alternating rounds."""
-    inputs = make_inputs(args.tokens, args.hidden, args.vocab, args.seq)
-    runs = {"seconds": build(args.measure, *inputs), "floor_seconds": build("gemm_floor", *inputs)}
+    runs = {"seconds": build(args.measure, args), "floor_seconds": build("gemm_floor", args)}
     for fn in runs.values():
         fn()
         fn()
@@ -135,9 +68,10 @@ def measure_time(args) -> dict:
 
 def measure_all(args) -> dict[str, dict]:
     """Fresh processes per implementation, so that no allocator state, cache or torch.compile worker of one
-    touches another. Memory runs with glibc's malloc returning every block over 64 KiB to the system at once (so
-    the peak counter sees every allocation); timing runs with the default malloc, as users have it."""
-    memory_env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    touches another. Memory runs with glibc's malloc returning every block over 4 KiB to the system at once (so
+    the peak counter sees every allocation, see _common.MEMORY_ENV); timing runs with the default malloc, as users
+    have it."""
+    memory_env = _common.memory_env()
     out = {}
     for name in args.impl:
         out[name] = {}

@@ -2,7 +2,7 @@
 
     python bench/fused_linear_gpu.py                          # bf16, N=16384 tokens, H=1536, V=151936, on cuda
     python bench/fused_linear_gpu.py --json out.json          # also write the numbers
-    python bench/fused_linear_gpu.py --device cpu --tokens 256 --hidden 64 --vocab 1000 --dtype fp32   # smoke run
+    python bench/fused_linear_gpu.py --device cpu --tokens 256 --seq 64 --hidden 64 --vocab 1000 --dtype fp32  # smoke
 
 Figures, all from this one run on this one card:
   gemm_tflops   the card's measured throughput for the three GEMMs of the loss at these shapes (h W^T, dz W,
@@ -16,78 +16,43 @@ Targets (issue 3): thinkless >= 70 % of gemm_tflops, >= 2x faster than Liger, <=
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import time
 
 import torch
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from _cases import build_all
+from _common import DTYPES, linear_inputs, sync
 
 
 def best_time(fn, device, rounds: int) -> float:
     fn()
-    _sync(device)
+    sync(device)
     best = float("inf")
     for _ in range(rounds):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def make_inputs(args, device, dtype):
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    B, T = args.tokens // args.seq, args.seq
-    h = (torch.randn(B, T, args.hidden, generator=gen) / args.hidden**0.5 * 4).to(device, dtype)
-    w = (torch.randn(args.vocab, args.hidden, generator=gen) * 0.5).to(device, dtype)
-    targets = torch.randint(0, args.vocab, (B, T), generator=gen).to(device)
-    old = (-torch.rand(B, T, generator=gen) * 3 - 8).to(device)
-    adv = torch.randn(B, generator=gen).to(device)
-    mask = torch.ones(B, T, dtype=torch.bool, device=device)
-    return h, w, targets, old, adv, mask
-
-
-def implementations(h, w, targets, old, adv, mask):
-    from thinkless.kernels import fused_linear_degrpo_loss, reference
-
-    def fresh():
-        return h.detach().requires_grad_(True), w.detach().requires_grad_(True)
-
-    def thinkless():
-        hh, ww = fresh()
-        loss, _ = fused_linear_degrpo_loss(hh, ww, targets, old, adv, mask)
-        loss.backward()
-        return hh.grad, ww.grad
-
-    def eager_torch():
-        hh, ww = fresh()
-        loss, _ = reference.fused_linear_degrpo_loss(hh, ww, targets, old, adv, mask)
-        loss.backward()
-        return hh.grad, ww.grad
-
-    runs = {"thinkless": thinkless, "eager_torch": eager_torch}
-    try:
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-        liger_loss = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="dapo")
-
-        def liger():
-            hh, ww = fresh()
-            out = liger_loss(hh, ww, targets, mask.long(), adv, old_per_token_logps=old)
-            (out[0] if isinstance(out, tuple) else out).backward()
-            return hh.grad, ww.grad
-
-        runs["liger"] = liger
-    except ImportError:
+def implementations(args, device) -> dict:
+    """name -> a closure running one forward + backward (fresh leaves), returning the gradients. The code of each
+    is in _cases.py (eager_torch is its "torch"); Liger's is left out when liger-kernel is not installed."""
+    shape = dict(N=args.tokens, H=args.hidden, V=args.vocab, seq=args.seq, dtype=args.dtype)
+    cases = {"thinkless": "thinkless", "eager_torch": "torch"}
+    if importlib.util.find_spec("liger_kernel") is not None:
+        cases["liger"] = "liger"
+    else:
         print("liger-kernel is not installed: no Liger column")
-    return runs
+    impls = build_all("fused_linear_degrpo_loss", cases.values(), shape, device)
+
+    def full(impl):
+        return lambda: impl.backward(impl.forward())
+
+    return {name: full(impls[case]) for name, case in cases.items()}
 
 
 def main(argv=None) -> int:
@@ -103,7 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    h, w, targets, old, adv, mask = make_inputs(args, device, dtype)
+    h, w, *_ = linear_inputs(args.tokens, args.hidden, args.vocab, args.seq, device=device, dtype=dtype)
     N, H, V = args.tokens, args.hidden, args.vocab
     flops = 6 * N * H * V
 
@@ -123,7 +88,7 @@ def main(argv=None) -> int:
     print(f"three GEMMs: {gemm_s * 1e3:.1f} ms = {gemm_tflops:.1f} TFLOP/s (the ceiling)")
     results = {"device": name, "shape": vars(args), "gemm_seconds": gemm_s, "gemm_tflops": gemm_tflops, "impl": {}}
     grads_bytes = h.numel() * h.element_size() + w.numel() * w.element_size()
-    for impl, fn in implementations(h, w, targets, old, adv, mask).items():
+    for impl, fn in implementations(args, device).items():
         if impl in args.skip:
             continue
         seconds = best_time(fn, device, args.rounds)
@@ -133,7 +98,7 @@ def main(argv=None) -> int:
             torch.cuda.reset_peak_memory_stats(device)
             before = torch.cuda.memory_allocated(device)
             grads = fn()
-            _sync(device)
+            sync(device)
             row["extra_gib"] = (torch.cuda.max_memory_allocated(device) - before - grads_bytes) / 2**30
             del grads
         results["impl"][impl] = row
