@@ -96,3 +96,12 @@ def token_budget_batches(lengths: list[int], rows: list[int], max_tokens: int) -
     if current:
         out.append(current)
     return out
+
+
+def micro_batches(rows: list[int], lengths, algo) -> list[list[int]]:
+    """The micro-batches of `rows`: `algo.micro_batch_size` each, or with `padding_free` and `micro_batch_tokens`,
+    as many as fit that many tokens (`lengths[row]`; dynamic micro-batches: short answers take fewer passes)."""
+    if algo.padding_free and algo.micro_batch_tokens > 0:
+        return token_budget_batches(lengths, rows, algo.micro_batch_tokens)
+    size = max(1, algo.micro_batch_size)
+    return [rows[i : i + size] for i in range(0, len(rows), size)]

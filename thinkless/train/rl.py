@@ -20,23 +20,20 @@ import torch
 from tqdm import tqdm
 
 from thinkless.kernels import fused_linear_degrpo_loss, group_advantages, token_logprobs
+from thinkless.train import packing
 from thinkless.train.config import ConfigError
 from thinkless.train.data import DataError, load_problems
 from thinkless.train.dist import Dist, shard_model
 from thinkless.train.model import check_model_path, hidden_states, lm_head, load_model, load_tokenizer
-from thinkless.train.packing import pack, token_budget_batches
+from thinkless.train.packing import pack
 from thinkless.train.rewards import score
 from thinkless.train.rollout import Rollouts, generate, merge_rollouts
 from thinkless.train.run import Run, batch_indices, grad_norm_value, resolve_model_path, start_run
 
 
 def micro_batches(ro: Rollouts, rows: list[int], algo) -> list[list[int]]:
-    """`algo.micro_batch_size` sequences each, or with `padding_free` and `micro_batch_tokens`, as many sequences
-    as fit that many tokens (dynamic micro-batches: a batch of short answers takes fewer steps)."""
-    if algo.padding_free and algo.micro_batch_tokens > 0:
-        return token_budget_batches(ro.attention_mask.sum(1).tolist(), rows, algo.micro_batch_tokens)
-    size = max(1, algo.micro_batch_size)
-    return [rows[i : i + size] for i in range(0, len(rows), size)]
+    """The micro-batches of these rollout rows (`thinkless.train.packing.micro_batches`, lengths in tokens)."""
+    return packing.micro_batches(rows, ro.attention_mask.sum(1).tolist(), algo)
 
 
 @torch.no_grad()
@@ -224,7 +221,7 @@ def run_rl(config) -> Run:
                 run.optimizer.step()
                 run.scheduler.step()
                 n_updates += 1
-        sums = {k: d.sum(v) for k, v in sums.items()}
+        sums = {k: sum(part[k] for part in d.gather(sums)) for k in keys}  # one collective for all of them
         seconds = time.perf_counter() - start
         tokens = int(ro.attention_mask.sum())
         row = run.metrics.log(

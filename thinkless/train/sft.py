@@ -18,7 +18,7 @@ from tqdm import tqdm
 from thinkless.kernels import fused_linear_cross_entropy
 from thinkless.train.data import DataError, Example, load_sft
 from thinkless.train.model import hidden_states, lm_head, load_tokenizer
-from thinkless.train.packing import pack, token_budget_batches
+from thinkless.train.packing import micro_batches, pack
 from thinkless.train.run import Run, batch_indices, grad_norm_value, resolve_model_path, start_run
 
 
@@ -54,12 +54,9 @@ def sft_loss(
 
 
 def sft_micro_batches(batch: list, algo) -> list[list]:
-    """`algo.micro_batch_size` examples each, or with `padding_free` and `micro_batch_tokens`, by token budget."""
-    if algo.padding_free and algo.micro_batch_tokens > 0:
-        rows = token_budget_batches([len(ids) for ids, _ in batch], list(range(len(batch))), algo.micro_batch_tokens)
-        return [[batch[i] for i in r] for r in rows]
-    size = max(1, algo.micro_batch_size)
-    return [batch[i : i + size] for i in range(0, len(batch), size)]
+    """The micro-batches of these encoded examples (`thinkless.train.packing.micro_batches`, lengths in tokens)."""
+    rows = micro_batches(list(range(len(batch))), [len(ids) for ids, _ in batch], algo)
+    return [[batch[i] for i in r] for r in rows]
 
 
 def run_sft(config) -> Run:
