@@ -9,7 +9,7 @@ import torch
 from test_packing import rollouts, tiny_model
 
 from thinkless.train.config import load_config
-from thinkless.train.dist import init_distributed, shard_model
+from thinkless.train.dist import init_distributed, shard_model, shutdown
 from thinkless.train.rl import micro_batches, policy_loss, sequence_logprobs
 
 
@@ -53,6 +53,7 @@ def main(out_path: str, padding_free: str) -> None:
     if d.is_main:
         with open(out_path, "w") as f:
             json.dump({"errors": errors, "control": control, "params": len(expect)}, f)
+    shutdown()
 
 
 if __name__ == "__main__":

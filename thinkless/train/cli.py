@@ -91,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         from thinkless.demo.run import DEFAULTS as DEMO_DEFAULTS
 
         config = load_config(args.config, args.overrides, defaults=DEMO_DEFAULTS if args.stage == "demo" else None)
-        RUNNERS[args.stage](config)
+        try:
+            RUNNERS[args.stage](config)
+        finally:
+            from thinkless.train.dist import shutdown
+
+            shutdown()
         return 0
     except (ConfigError, DataError, ModelError) as err:
         print(f"thinkless-train {args.stage}: error: {err}", file=sys.stderr)

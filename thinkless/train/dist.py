@@ -88,6 +88,16 @@ def init_distributed(device_name: str = "auto") -> Dist:
     return _CURRENT
 
 
+def shutdown() -> None:
+    """Leave the process group before exit: gloo's threads abort the process ("terminate called without an active
+    exception") when the interpreter exits with the group still up."""
+    global _CURRENT
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    _CURRENT = Dist()
+
+
 def shard_model(model, d: Dist):
     """FSDP2: each decoder layer, then the whole model (its embeddings, norm and lm_head), over all ranks."""
     if d.world == 1:
