@@ -396,3 +396,16 @@ def test_cross_entropy_matches_materialised(backend, dtype):
     for grad, truth_grad in zip(grads, truth_grads, strict=True):
         assert grad.dtype == dtype and cases.rel_err(grad, truth_grad) < 10 * tol
     assert metrics["tokens"].item() == mask.sum().item()
+
+
+@pytest.mark.parametrize("x", [1 / 0.6, 1 / 0.7, 1.0, 1e-3, 1 / 3])
+def test_temperature_reaches_a_float64_kernel_whole(x):
+    """Triton hands a Python float to a compiled kernel as fp32; 1/temperature goes as two fp32 halves instead,
+    added in the kernel's compute dtype (an H200 run lost 2e-7 of a float64 log-prob before this)."""
+    from thinkless.kernels.fused_linear import _split_scalar
+
+    hi, lo = _split_scalar(x)
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    assert f32(hi) == hi and f32(lo) == lo  # each passes through an fp32 argument unchanged
+    assert abs((hi + lo) - x) <= 2**-48 * x  # added in fp64: x to 4e-15 (48 bits of the 53)
+    assert f32(hi + lo) == f32(x)  # added in fp32: fp32(x), as before

@@ -65,29 +65,55 @@ def test_missing_model_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_liger_patches_swap_the_layers_of_qwen2_and_llama(kind, monkeypatch):
-    """The instance patches applied on CUDA (RoPE is a module-level patch: left out here, it would reach the other
-    CPU tests of this process)."""
+def test_liger_patches_this_instance_and_leaves_cpu_models_working(kind, monkeypatch):
+    """The instance patches applied on CUDA. Liger's module-level rebinding is undone (classes) or made to dispatch
+    by device (RoPE), so that a CPU model built or run later in the process gives exactly what it gave before."""
     pytest.importorskip("liger_kernel")
     import transformers
     from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
     from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
 
-    from thinkless.train.model import apply_liger
+    from thinkless.train.model import _on_cuda, apply_liger
 
     cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[kind]  # fmt: skip
     config = cls[0](vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2)  # fmt: skip
-    model = cls[1](config)
-    # Liger also swaps the classes in transformers' modeling module (for models built later): undo that after the
-    # test, or the other CPU tests of this process would build Liger's Triton layers.
+    torch.manual_seed(0)
+    model, bystander = cls[1](config), cls[1](config)
     module = sys.modules[cls[1].__module__]
-    for name, value in list(vars(module).items()):
+    for name, value in list(vars(module).items()):  # whatever this test leaves behind is undone after it
         monkeypatch.setattr(module, name, value)
-    assert apply_liger(model, rope=False)
+    originals = dict(vars(module))
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        expected = bystander(ids).logits
+    for _ in range(2):  # a second patch (the reference model, the rollout copy) wraps the original again
+        assert apply_liger(model)
     # Liger binds its forwards to the existing modules (the weights stay where they are).
     layers = model.model.layers
     for norm in (model.model.norm, layers[0].input_layernorm, layers[1].post_attention_layernorm):
         assert norm.forward.__func__ is LigerRMSNorm.forward
     assert all(layer.mlp.forward.__func__ is LigerSwiGLUMLP.forward for layer in model.model.layers)
+    # The module: transformers' classes back; RoPE a dispatcher over Liger's kernel and the original function.
+    changed = {n for n, v in vars(module).items() if originals.get(n) is not v}
+    assert changed == {"apply_rotary_pos_emb"}
+    rope = module.apply_rotary_pos_emb
+    assert rope._thinkless_default is originals["apply_rotary_pos_emb"]
+    q, k, cos, sin = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 9, 8), torch.randn(1, 9, 8)
+    for got, want in zip(rope(q, k, cos, sin), originals["apply_rotary_pos_emb"](q, k, cos, sin), strict=True):
+        assert torch.equal(got, want)  # CPU tensors: transformers' function
+
+    class OnCuda(torch.Tensor):  # reports CUDA: which function the dispatcher picks, without a GPU
+        is_cuda = property(lambda self: True)
+
+    picked = []
+    dispatch = _on_cuda(lambda *a: picked.append("fast"), lambda *a: picked.append("default"))
+    dispatch(q, k)
+    dispatch(torch.Tensor._make_subclass(OnCuda, q), k)
+    assert picked == ["default", "fast"]
+    assert liger_rotary_pos_emb is not rope
+    with torch.no_grad():
+        assert torch.equal(bystander(ids).logits, expected)  # a CPU model untouched by the patch
+        assert cls[1](config).model.norm.__class__ is originals[type(bystander.model.norm).__name__]

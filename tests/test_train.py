@@ -84,8 +84,14 @@ def test_sft_rl_crash_resume_eval(workdir, monkeypatch):
         "lr",
         "tokens_per_s",
         "step_seconds",
+        "rollout_seconds",
+        "logprob_seconds",
+        "update_seconds",
     ):
         assert key in straight[0], key  # fmt: skip
+    for row in straight:  # the three phases split the step's time, each one a real stretch of it
+        phases = [row["rollout_seconds"], row["logprob_seconds"], row["update_seconds"]]
+        assert all(t > 0 for t in phases) and sum(phases) == pytest.approx(row["step_seconds"], rel=1e-9)
 
     # The same run, killed after logging step 3 (its last checkpoint is step 2) and with a half-written
     # checkpoint-4.tmp left behind, then started again with the same command.
@@ -245,3 +251,25 @@ def test_sft_data_that_leaves_nothing_to_learn(workdir, tmp_path):
         run_sft(_config(workdir, "sft", f"data.train_files=[{tmp_path / 'only_assistant.jsonl'}]"))
     with pytest.raises(DataError, match=r"data.train_files is empty"):
         run_sft(_config(workdir, "sft", "data.train_files=[]"))
+
+
+def test_rollouts_use_the_kv_cache_under_gradient_checkpointing(workdir):
+    """Gradient checkpointing turns the config's use_cache off for training; generation must still feed one new token
+    per step (with the cache) instead of the whole sequence again."""
+    from thinkless.train.model import load_model, load_tokenizer
+    from thinkless.train.rollout import generate
+
+    config = _config(workdir, "rl", "model.gradient_checkpointing=true", "rollout.n=2", "rollout.max_new_tokens=6")
+    tokenizer = load_tokenizer(str(workdir / "base"))
+    model = load_model(str(workdir / "base"), tokenizer, config, torch.device("cpu"))
+    assert model.config.use_cache is False and model.is_gradient_checkpointing
+    widths = []
+    handle = model.register_forward_pre_hook(lambda m, args, kw: widths.append(kw["input_ids"].shape[1]),
+                                             with_kwargs=True)  # fmt: skip
+    try:
+        ro = generate(model, tokenizer, ["<|im_start|>user\n1+1?<|im_end|>\n<|im_start|>assistant\n"], config.rollout)
+    finally:
+        handle.remove()
+    assert model.training  # generate puts the mode back
+    assert len(widths) >= 2 and widths[0] > 1 and set(widths[1:]) == {1}, widths
+    assert ro.input_ids.shape[0] == 2

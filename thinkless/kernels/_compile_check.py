@@ -116,11 +116,12 @@ def _variants() -> list[Variant]:
                 )
     # Fused linear loss row kernels: logits in fp32, bf16 or fp64 (their compute dtype fp32, fp32, fp64).
     fused_linear = importlib.import_module("thinkless.kernels.fused_linear")
+    temperature = {"inv_temp_hi": "fp32", "inv_temp_lo": "fp32"}  # 1 / temperature as two fp32 halves
     for dtype in ("fp32", "bf16", "fp64"):
         compute, acc = (tl.float64, "fp64") if dtype == "fp64" else (tl.float32, "fp32")
         for entropy in (False, True):
             stats = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "lse_ptr": f"*{acc}", "logp_ptr": f"*{acc}"}
-            stats.update({"entropy_ptr": f"*{acc}", "V": "i32", "stride_row": "i64", "inv_temp": "fp32"})
+            stats.update({"entropy_ptr": f"*{acc}", "V": "i32", "stride_row": "i64", **temperature})
             flags = {"HAS_ENTROPY": entropy, "COMPUTE": compute, "BLOCK_V": _config.ROW_STATS.block}
             out.append(
                 Variant(
@@ -132,7 +133,7 @@ def _variants() -> list[Variant]:
                 )
             )
         grad = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "lse_ptr": f"*{acc}", "grad_ptr": f"*{acc}"}
-        grad.update({"V": "i32", "stride_row": "i64", "inv_temp": "fp32"})
+        grad.update({"V": "i32", "stride_row": "i64", **temperature})
         flags = {"COMPUTE": compute, "BLOCK_V": _config.ROW_GRAD.block}
         out.append(
             Variant(

@@ -55,7 +55,8 @@ def _row_stats_kernel(
     entropy_ptr,  # COMPUTE [C], out (when HAS_ENTROPY)
     V,
     stride_row,
-    inv_temp,
+    inv_temp_hi,  # 1 / temperature = hi + lo (two fp32 scalars: see _split_scalar)
+    inv_temp_lo,
     HAS_ENTROPY: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_V: tl.constexpr,
@@ -67,6 +68,8 @@ def _row_stats_kernel(
     """
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_row  # int64: C * V passes 2^31 at real sizes
+    one = tl.full((), 1.0, COMPUTE)  # the halves go up to COMPUTE before they are added
+    inv_temp = inv_temp_hi * one + inv_temp_lo * one
     offs = tl.arange(0, BLOCK_V)
     m = tl.full((), float("-inf"), COMPUTE)
     s = tl.zeros((), COMPUTE)
@@ -101,7 +104,8 @@ def _row_grad_kernel(
     grad_ptr,  # COMPUTE [C]: dL/dlogp / temperature
     V,
     stride_row,
-    inv_temp,
+    inv_temp_hi,
+    inv_temp_lo,
     COMPUTE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -110,6 +114,8 @@ def _row_grad_kernel(
     row = tl.program_id(0).to(tl.int64)
     v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     base = logits_ptr + row * stride_row
+    one = tl.full((), 1.0, COMPUTE)  # the halves go up to COMPUTE before they are added
+    inv_temp = inv_temp_hi * one + inv_temp_lo * one
     x = tl.load(base + v, mask=v < V, other=0.0).to(COMPUTE) * inv_temp
     p = tl.exp(x - tl.load(lse_ptr + row))
     g = tl.load(grad_ptr + row)
@@ -117,12 +123,20 @@ def _row_grad_kernel(
     tl.store(base + v, dz.to(logits_ptr.dtype.element_ty), mask=v < V)
 
 
+def _split_scalar(x: float) -> tuple[float, float]:
+    """x as hi + lo, two floats exact in fp32. Triton passes a Python float to a compiled kernel as fp32, which
+    would cost a float64 pass 8 digits (1/0.6 to 3e-8: a log-prob off by 2e-7 on an H200); hi + lo formed in fp64
+    inside the kernel carries x to 2^-48 (4e-15), and in fp32 it rounds back to fp32(x)."""
+    hi = float(torch.tensor(x, dtype=torch.float32))
+    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
+
+
 def _row_stats_triton(z: Tensor, targets: Tensor, inv_temp: float, want_entropy: bool, compute: torch.dtype):
     n, V = z.shape
     lse, logp, entropy = (torch.empty(n, dtype=compute, device=z.device) for _ in range(3))
     _row_stats_kernel[(n,)](
         z, targets, lse, logp, entropy,
-        V, z.stride(0), inv_temp,
+        V, z.stride(0), *_split_scalar(inv_temp),
         HAS_ENTROPY=want_entropy,
         COMPUTE=_triton_dtype(compute),
         BLOCK_V=ROW_STATS.block,
@@ -135,7 +149,7 @@ def _row_grad_triton(z: Tensor, targets: Tensor, lse: Tensor, g: Tensor, inv_tem
     n, V = z.shape
     _row_grad_kernel[(n, triton.cdiv(V, ROW_GRAD.block))](
         z, targets, lse, g,
-        V, z.stride(0), inv_temp,
+        V, z.stride(0), *_split_scalar(inv_temp),
         COMPUTE=_triton_dtype(lse.dtype),
         BLOCK_V=ROW_GRAD.block,
         num_warps=ROW_GRAD.num_warps,

@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -118,20 +120,49 @@ def load_model(path: str, tokenizer, config, device: torch.device, *, trainable:
 def apply_liger(model, *, rope: bool = True) -> bool:
     """Liger-Kernel's layer patches (RMSNorm, RoPE, SwiGLU) on this model instance; False if Liger does not know
     its architecture. The losses are ours, so Liger's (fused linear) cross-entropy stays off. Qwen2 and Llama go
-    through their own entry points; other architectures through Liger's dispatch by model type."""
+    through their own entry points; other architectures through Liger's dispatch by model type.
+
+    Liger also rebinds names in transformers' modeling module, for every model of the process: the layer classes
+    (this instance's layers are patched in place and need them no more) go back to transformers' own, and a
+    function (RoPE, looked up by the attention at call time) dispatches: Liger's Triton kernel on CUDA tensors,
+    transformers' own otherwise. A CPU model built later in the same process (a test, an eval on CPU) then runs."""
     import liger_kernel.transformers as liger
 
+    module = sys.modules[type(model).__module__]
+    before = dict(vars(module))
     patches = {"qwen2": liger.apply_liger_kernel_to_qwen2, "llama": liger.apply_liger_kernel_to_llama}
     kind = getattr(model.config, "model_type", "")
     options = dict(rope=rope, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
-    if kind in patches:
-        patches[kind](model=model, **options)
-        return True
     try:
-        liger._apply_liger_kernel_to_instance(model=model, **options)
-    except (ValueError, NotImplementedError, TypeError):  # an architecture Liger has no patch for
-        return False
+        if kind in patches:
+            patches[kind](model=model, **options)
+        else:
+            try:
+                liger._apply_liger_kernel_to_instance(model=model, **options)
+            except (ValueError, NotImplementedError, TypeError):  # an architecture Liger has no patch for
+                return False
+    finally:
+        for name, value in list(vars(module).items()):
+            old = before.get(name)
+            if old is None or old is value:
+                continue
+            if isinstance(old, type):
+                setattr(module, name, old)
+            elif callable(value):
+                setattr(module, name, _on_cuda(value, getattr(old, "_thinkless_default", old)))
     return True
+
+
+def _on_cuda(fast, default):
+    """`fast` when the first tensor argument is on CUDA, else `default` (the function it replaced)."""
+
+    @functools.wraps(default)
+    def dispatch(*args, **kwargs):
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        return (fast if first is not None and first.is_cuda else default)(*args, **kwargs)
+
+    dispatch._thinkless_default = default  # a second patch wraps the original again, not this wrapper
+    return dispatch
 
 
 def hidden_states(

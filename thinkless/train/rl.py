@@ -31,6 +31,21 @@ from thinkless.train.rollout import Rollouts, generate, merge_rollouts
 from thinkless.train.run import Run, batch_indices, grad_norm_value, resolve_model_path, start_run
 
 
+def _clock(device: torch.device) -> float:
+    """perf_counter after the device's queued work: CUDA runs ahead of Python, and a phase's time must hold its
+    kernels, not the next phase's."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """The step's peak of allocated GPU memory (the caching allocator's view; reset at each step's start)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+
+
 def micro_batches(ro: Rollouts, rows: list[int], algo) -> list[list[int]]:
     """The micro-batches of these rollout rows (`thinkless.train.packing.micro_batches`, lengths in tokens)."""
     return packing.micro_batches(rows, ro.attention_mask.sum(1).tolist(), algo)
@@ -173,7 +188,9 @@ def run_rl(config) -> Run:
     bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="rl",
                disable=not d.is_main)  # fmt: skip
     for step in bar:
-        start = time.perf_counter()
+        if run.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(run.device)
+        start = _clock(run.device)
         batch = [examples[i] for i in batch_indices(len(examples), trainer.batch_size, step, trainer.seed)]
         # Each rank samples for its share of the prompts; the rollouts and their scores are then gathered, so
         # that every rank holds the whole batch and the group advantages are exact.
@@ -190,6 +207,7 @@ def run_rl(config) -> Run:
             scores = [s for p in parts for s in p[1]]
         rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
         advantages = group_advantages(rewards, ro.prompt_index.cpu(), normalize_std=algo.normalize_std).to(run.device)
+        rolled = _clock(run.device)
         keep = torch.ones(len(scores), dtype=torch.bool)
         if algo.filter_groups:  # zero-variance groups teach nothing: all their advantages are 0
             for g in ro.prompt_index.unique().cpu():
@@ -198,6 +216,7 @@ def run_rl(config) -> Run:
         # The old policy's log-probs come from the sampler (the same weights; no collective in a plain copy).
         old_logp = all_logprobs(sampler, ro, rollout.temperature, algo, d, sharded=sampler is run.model)
         ref_logp = all_logprobs(reference, ro, rollout.temperature, algo, d, sharded=True) if reference else None
+        scored = _clock(run.device)
 
         prompts = sorted(set(ro.prompt_index[keep.to(ro.prompt_index.device)].tolist()))
         per_mini = algo.mini_batch_size or len(prompts) or 1
@@ -222,7 +241,8 @@ def run_rl(config) -> Run:
                 run.scheduler.step()
                 n_updates += 1
         sums = {k: sum(part[k] for part in d.gather(sums)) for k in keys}  # one collective for all of them
-        seconds = time.perf_counter() - start
+        end = _clock(run.device)
+        seconds = end - start
         tokens = int(ro.attention_mask.sum())
         row = run.metrics.log(
             step,
@@ -235,6 +255,11 @@ def run_rl(config) -> Run:
                 "lr": run.scheduler.get_last_lr()[0],
                 "tokens_per_s": tokens / seconds,
                 "step_seconds": seconds,
+                # Where the step's time goes (rank 0's clock; the phases end in collectives, so ranks agree).
+                "rollout_seconds": rolled - start,
+                "logprob_seconds": scored - rolled,
+                "update_seconds": end - scored,
+                **_peak_memory(run.device),
             },
         )
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", think=f"{row['think_ratio']:.2f}")

@@ -80,6 +80,9 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
         num_return_sequences=rollout.n,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=stops,
+        # Gradient checkpointing sets config.use_cache=False for training; generation must keep its KV cache (or
+        # rerun the whole sequence for every new token), whatever a model's configs say.
+        use_cache=True,
     )
     model.train(was_training)
     P = enc["input_ids"].shape[1]
