@@ -273,3 +273,19 @@ def test_rollouts_use_the_kv_cache_under_gradient_checkpointing(workdir):
     assert model.training  # generate puts the mode back
     assert len(widths) >= 2 and widths[0] > 1 and set(widths[1:]) == {1}, widths
     assert ro.input_ids.shape[0] == 2
+
+
+def test_resume_applies_a_changed_learning_rate(workdir, tmp_path, capsys):
+    """The config is the run's truth: a resumed run trains at its algo.lr (and says so), not at the rate that the
+    checkpoint's optimizer and scheduler state bring back."""
+    from thinkless.train.sft import run_sft
+
+    out = tmp_path / "lr"
+    base = [f"trainer.output_dir={out}", "trainer.save_every=2", "algo.warmup_steps=1"]
+    run_sft(_config(workdir, "sft", *base, "trainer.total_steps=2", "algo.lr=1e-3"))
+    run_sft(_config(workdir, "sft", *base, "trainer.total_steps=4", "algo.lr=4e-4"))
+    assert "algo.lr=0.0004 replaces the checkpoint's 0.001" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    # Warmup over 1 update, then constant: the logged rate after each update is the base rate.
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 4e-4, 4e-4])

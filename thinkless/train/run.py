@@ -133,6 +133,7 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
             state = load_state(checkpoint)
             load_optimizer_state(model, optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
+            _apply_configured_rates(optimizer, scheduler, algo, d.is_main)
             step = int(state["step"])
             # Each rank its own RNG stream back; a rank the saved run did not have starts from its seed.
             per_rank = state.get("rng_per_rank") or [state["rng"]]
@@ -145,6 +146,19 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
         return Run(config, stage, device, output_dir, tokenizer, model, optimizer, scheduler, step, metrics,
                    checkpoint, rng, d, rollout_model)  # fmt: skip
     return Run(config, stage, device, output_dir, tokenizer, model, None, None, 0, None, dist=d)
+
+
+def _apply_configured_rates(optimizer, scheduler, algo, report: bool) -> None:
+    """The resumed run's algo.lr and weight_decay, not the checkpoint's: the optimizer state and the scheduler bring
+    back the rates the run started with, and a changed setting would be silently ignored. The schedule's position
+    (its update count) is kept; the factor of that position is applied to the new base rate."""
+    old = scheduler.base_lrs[0]
+    if report and old != algo.lr:
+        print(f"thinkless: algo.lr={algo.lr:g} replaces the checkpoint's {old:g} from the next update on")
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group in optimizer.param_groups:
+        group["initial_lr"], group["lr"], group["weight_decay"] = algo.lr, algo.lr * factor, algo.weight_decay
+    scheduler.base_lrs = [algo.lr] * len(optimizer.param_groups)
 
 
 def planned_updates(config, stage: str) -> int:
