@@ -44,6 +44,32 @@ def test_matches_reference(device, backend, grouping, normalize_std, thinkless_r
     torch.testing.assert_close(out.cpu().double(), truth.double(), rtol=1e-5, atol=1e-5)
 
 
+def _layout(name: str, gen: torch.Generator) -> torch.Tensor:
+    """Group ids of 40 groups of 1 to 9 samples in the layouts the kernels treat apart: runs in order (the
+    trainer's), dense ids shuffled (a counting sort), sparse ids shuffled (a comparison sort)."""
+    sizes = torch.randint(1, 10, (40,), generator=gen)
+    dense = torch.repeat_interleave(torch.arange(40), sizes)
+    ids = {
+        "runs": dense * 3 + 5,
+        "dense_shuffled": dense[torch.randperm(len(dense), generator=gen)],
+        "dense_negative_shuffled": (dense - 20)[torch.randperm(len(dense), generator=gen)],
+        "sparse_extremes_shuffled": torch.where(dense % 2 == 0, -(2**62) + dense, 2**62 - dense),
+    }[name]
+    return ids[torch.randperm(len(ids), generator=gen)] if name == "sparse_extremes_shuffled" else ids
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("layout", ["runs", "dense_shuffled", "dense_negative_shuffled", "sparse_extremes_shuffled"])
+def test_id_layouts(device, backend, layout):
+    gen = torch.Generator().manual_seed(11)
+    ids = _layout(layout, gen)
+    rewards = torch.randn(len(ids), generator=gen)
+    for normalize_std in (False, True):
+        truth = reference.group_advantages(rewards.double(), ids, normalize_std=normalize_std)
+        out = group_advantages(rewards.to(device), ids.to(device), normalize_std=normalize_std, backend=backend)
+        torch.testing.assert_close(out.cpu().double(), truth.double(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", backend_params())
 def test_eps_and_dtypes(device, backend):
     gen = torch.Generator().manual_seed(3)
