@@ -83,7 +83,9 @@ def test_text_settings_stay_text():
         ("algo.kl_type=k5", r"algo.kl_type must be one of k1, k2, k3, got 'k5'"),
         ("trainer.device=tpu", r"trainer.device must be auto, cpu, cuda"),
         ("trainer.report_to=foo", r"trainer.report_to must be one of none, tensorboard, wandb"),
-        ("rollout.engine=vllm", r"rollout.engine must be one of hf"),
+        ("rollout.engine=sglang", r"rollout.engine must be one of hf, vllm"),
+        ("algo.is_cap=0", r"algo.is_cap must be > 0"),
+        ("rollout.vllm_gpu_memory_utilization=0", r"rollout.vllm_gpu_memory_utilization must be in \(0, 1\]"),
     ],
 )
 def test_out_of_range_settings_fail_at_once(override, message):

@@ -289,3 +289,80 @@ def test_resume_applies_a_changed_learning_rate(workdir, tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     # Warmup over 1 update, then constant: the logged rate after each update is the base rate.
     assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 4e-4, 4e-4])
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_rollout_logprobs_are_those_of_the_sampling_distribution(workdir, top_p):
+    """The HF engine records each sampled token's log-prob under the distribution it was drawn from. With top_p = 1
+    that is the trainer's own softmax at the temperature (recomputed here by a full forward); with top_p < 1 the
+    nucleus is renormalised: the recorded log-prob exceeds the full softmax's by -log(nucleus mass) >= 0."""
+    from thinkless.train.model import load_model, load_tokenizer
+    from thinkless.train.rl import sequence_logprobs
+    from thinkless.train.rollout import generate
+
+    config = _config(workdir, "rl", "rollout.n=3", "rollout.max_new_tokens=10", "rollout.temperature=0.7",
+                     f"rollout.top_p={top_p}")  # fmt: skip
+    tokenizer = load_tokenizer(str(workdir / "base"))
+    model = load_model(str(workdir / "base"), tokenizer, config, torch.device("cpu"), trainable=False)
+    torch.manual_seed(1)
+    ro = generate(model, tokenizer, ["<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n"] * 2, config.rollout)
+    full = sequence_logprobs(model, ro, 0.7, config.algo)
+    response = ro.response_mask[:, 1:]
+    assert ro.rollout_logp.shape == full.shape and (ro.rollout_logp[~response] == 0).all()
+    gap = (ro.rollout_logp - full)[response]
+    if top_p == 1.0:
+        assert gap.abs().max() < 1e-4
+    else:
+        assert gap.min() > -1e-4 and gap.max() > 0.01  # renormalised over the nucleus, on some tokens visibly
+
+
+def test_importance_weights_fold_into_per_token_advantages():
+    """TIS weights w = min(exp(old - rollout), cap) on response tokens; a per-token advantage A*w gives the loss of
+    the paper's clipped surrogate with each token's term multiplied by w (written out here in float64)."""
+    from test_packing import rollouts, tiny_model
+
+    from thinkless.kernels.reference import first_response_token_mask
+    from thinkless.train.rl import importance_weights, policy_loss, sequence_logprobs
+
+    ro = rollouts([3, 5, 1, 4], [6, 2, 4, 7], seed=3)
+    model = tiny_model("sdpa")
+    config = load_config(None, ["algo.alpha=0.3", "algo.clip_low=0.1", "algo.clip_high=0.25"])
+    gen = torch.Generator().manual_seed(4)
+    response = ro.response_mask[:, 1:]
+    old = sequence_logprobs(model, ro, 1.0, config.algo).double() + 0.2 * torch.randn(response.shape, generator=gen,
+                                                                                       dtype=torch.float64)  # fmt: skip
+    rollout_logp = (old + 0.5 * torch.randn(response.shape, generator=gen, dtype=torch.float64)) * response
+    weights, stats = importance_weights(old, rollout_logp, response, cap=1.5)
+    ratio = (old - rollout_logp).exp()
+    assert torch.equal(weights[response], ratio[response].clamp(max=1.5)) and (weights[~response] == 1).all()
+    assert stats["is_truncated_frac"] == pytest.approx(float((ratio[response] > 1.5).double().mean()))
+    assert 0 < stats["is_truncated_frac"] < 1
+
+    A = torch.randn(4, generator=gen, dtype=torch.float64)
+    loss, metrics = policy_loss(model, ro, [0, 1, 2, 3], old, None, A[:, None] * weights, config)
+    logp = metrics["logp"].detach().double()
+    r = (logp - old).exp()
+    a = config.algo
+    term = weights * torch.maximum(-A[:, None] * r, -A[:, None] * r.clamp(1 - a.clip_low, 1 + a.clip_high))
+    control = first_response_token_mask(response)
+    expected = a.alpha * term[control].mean() + term[response & ~control].mean()
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-9)
+    packed = load_config(None, ["algo.alpha=0.3", "algo.clip_low=0.1", "algo.clip_high=0.25", "algo.padding_free=true"])
+    loss_packed, _ = policy_loss(model, ro, [0, 1, 2, 3], old, None, A[:, None] * weights, packed)
+    assert float(loss_packed.detach()) == pytest.approx(float(expected), rel=1e-9)  # the packed layout too
+
+
+def test_rl_with_importance_sampling_correction(workdir):
+    """algo.is_correction end to end: the metrics report the weights; the HF engine's log-probs match the trainer's,
+    so the weights are ~1 and nothing is truncated."""
+    from thinkless.train.rl import run_rl
+
+    if not (workdir / "sft").exists():
+        from thinkless.train.sft import run_sft
+
+        run_sft(_config(workdir, "sft"))
+    out = workdir / "tis"
+    run_rl(_config(workdir, "rl", f"trainer.output_dir={out}", "trainer.total_steps=1", "algo.is_correction=true"))
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["rollout_logp_diff"] < 1e-4
+    assert row["is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and row["is_truncated_frac"] == 0.0

@@ -59,7 +59,9 @@ class RolloutConfig:
     temperature: float = _key(0.6, "sampling temperature; the loss uses the same one for its log-probs")
     top_p: float = _key(1.0, "nucleus sampling")
     max_new_tokens: int = _key(4096, "longest response")
-    engine: str = _key("hf", "generation engine: hf (transformers generate)")
+    engine: str = _key("hf", "generation engine: hf (transformers generate) or vllm (colocated; the vllm extra)")
+    vllm_gpu_memory_utilization: float = _key(0.3, "vllm: share of the GPU's memory for its weights and KV cache")
+    vllm_sleep: bool = _key(True, "vllm: release its GPU memory while the policy trains (sleep level 2)")
 
 
 @dataclass
@@ -82,6 +84,10 @@ class AlgoConfig:
     warmup_steps: int = _key(0, "linear learning-rate warmup, in optimizer updates")
     lr_scheduler: str = _key("constant", "after the warmup: constant, cosine or linear (decay to 0 at the last step)")
     max_grad_norm: float = _key(1.0, "gradient clipping")
+    is_correction: bool = _key(
+        False, "truncated importance sampling: weight each token by min(exp(old - rollout log-prob), is_cap)"
+    )
+    is_cap: float = _key(2.0, "the truncation of the importance-sampling weights (algo.is_correction)")
 
 
 @dataclass
@@ -269,11 +275,15 @@ def validate(config: Config) -> None:
     _at_least("algo.lr", a.lr, 0, strict=True)
     _at_least("demo.warmup_lr", config.demo.warmup_lr, 0, strict=True)
     _at_least("algo.max_grad_norm", a.max_grad_norm, 0, strict=True)
-    if not 0 < r.top_p <= 1:
-        raise ConfigError(f"rollout.top_p must be in (0, 1], got {r.top_p!r}")
+    _at_least("algo.is_cap", a.is_cap, 0, strict=True)
+    for name, value in [
+        ("rollout.top_p", r.top_p), ("rollout.vllm_gpu_memory_utilization", r.vllm_gpu_memory_utilization),
+    ]:  # fmt: skip
+        if not 0 < value <= 1:
+            raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
     choices = {
         "algo.kl_type": (a.kl_type, ("k1", "k2", "k3")),
-        "rollout.engine": (r.engine, ("hf",)),
+        "rollout.engine": (r.engine, ("hf", "vllm")),
         "algo.lr_scheduler": (a.lr_scheduler, ("constant", "cosine", "linear")),
         "trainer.report_to": (t.report_to, ("none", "tensorboard", "wandb")),
         "model.dtype": (config.model.dtype, ("auto", "bfloat16", "float16", "float32")),

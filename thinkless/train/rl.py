@@ -106,7 +106,8 @@ def policy_loss(model, ro: Rollouts, idx: list[int], old_logp, ref_logp, advanta
         hidden = hidden_states(model, p.input_ids, None, p.position_ids)
         weight, bias = lm_head(model)  # after the forward: gathered there when sharded
         return fused_linear_degrpo_loss(
-            hidden, weight, p.target_ids, p.gather(old_logp), p.per_sequence(advantages[idx]), p.loss_mask, bias=bias,
+            hidden, weight, p.target_ids, p.gather(old_logp), _packed_advantages(p, advantages, idx), p.loss_mask,
+            bias=bias,
             ref_logp=p.gather(ref_logp) if ref_logp is not None else None, control_mask=p.control_mask, **options,
         )  # fmt: skip
     hidden = hidden_states(model, ro.input_ids[idx, :-1], ro.attention_mask[idx, :-1])
@@ -115,6 +116,29 @@ def policy_loss(model, ro: Rollouts, idx: list[int], old_logp, ref_logp, advanta
         hidden, weight, ro.input_ids[idx, 1:], old_logp[idx], advantages[idx], ro.response_mask[idx, 1:], bias=bias,
         ref_logp=ref_logp[idx] if ref_logp is not None else None, **options,
     )  # fmt: skip
+
+
+def _packed_advantages(p, advantages: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """Per-sequence [S] or per-token [S, L-1] advantages (importance-weighted) in the packed layout."""
+    return p.gather(advantages) if advantages.dim() == 2 else p.per_sequence(advantages[idx])
+
+
+def importance_weights(old_logp, rollout_logp, response: torch.Tensor, cap: float) -> tuple[torch.Tensor, dict]:
+    """Truncated importance sampling (TIS): w = min(exp(old - rollout log-prob), cap) per token, 1 off the responses.
+
+    The rollout engine samples from its own numerics (vLLM's kernels, a bf16 KV cache); the PPO ratio is taken
+    against the trainer's old log-probs. w re-weights each token towards the distribution the loss assumes, and the
+    cap bounds the variance. As w > 0 multiplies the clipped PPO term of its token, it is folded into a per-token
+    advantage: max(-wA r, -wA clip(r)) = w max(-A r, -A clip(r)). The KL term is not weighted."""
+    log_ratio = (old_logp - rollout_logp).double()
+    ratio = log_ratio.exp()
+    weights = torch.where(response, ratio.clamp(max=cap), torch.ones_like(ratio)).to(old_logp.dtype)
+    n = response.sum().clamp(min=1)
+    stats = {
+        "is_weight_mean": float((weights.double() * response).sum() / n),  # the weights applied, truncated
+        "is_truncated_frac": float(((ratio > cap) & response).sum() / n),
+    }
+    return weights, stats
 
 
 def tag_metrics(ro: Rollouts, scores, tags: list[str]) -> dict:
@@ -184,6 +208,11 @@ def run_rl(config) -> Run:
     if ref_path is not None:
         reference = load_model(ref_path, run.tokenizer, config, run.device, trainable=False, what="model.ref_path")
         reference = shard_model(reference, d)
+    engine = None
+    if rollout.engine == "vllm":
+        from thinkless.train.vllm_rollout import VLLMRollout
+
+        engine = VLLMRollout(str(run.resumed_from or resolve_model_path(config.model.path)), run)
     run.ready()
     bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="rl",
                disable=not d.is_main)  # fmt: skip
@@ -195,8 +224,12 @@ def run_rl(config) -> Run:
         # Each rank samples for its share of the prompts; the rollouts and their scores are then gathered, so
         # that every rank holds the whole batch and the group advantages are exact.
         mine = d.shard(batch)
-        sampler = run.sync_rollout_model()
-        ro = generate(sampler, run.tokenizer, [e.prompt for e in mine], rollout)
+        if engine is None:
+            sampler = run.sync_rollout_model()
+            ro = generate(sampler, run.tokenizer, [e.prompt for e in mine], rollout)
+        else:  # vLLM: its own copy of the weights, synced inside; the trainer's log-probs come from the policy
+            sampler = run.model
+            ro = engine.generate(run.model, run.tokenizer, [e.prompt for e in mine])
         scores = [
             score(t, mine[p].answer, m, config.rewards)
             for t, m, p in zip(ro.texts, ro.modes, ro.prompt_index.tolist(), strict=True)
@@ -217,6 +250,17 @@ def run_rl(config) -> Run:
         old_logp = all_logprobs(sampler, ro, rollout.temperature, algo, d, sharded=sampler is run.model)
         ref_logp = all_logprobs(reference, ro, rollout.temperature, algo, d, sharded=True) if reference else None
         scored = _clock(run.device)
+        loss_advantages, is_stats = advantages, {}
+        if ro.rollout_logp is not None:
+            response = ro.response_mask[:, 1:]
+            known = response & ~ro.rollout_logp.isnan()  # an engine may leave a token's log-prob out: weight 1
+            rollout_logp = torch.where(known, ro.rollout_logp, old_logp)
+            diff = (old_logp - rollout_logp).abs()[known]
+            is_stats["rollout_logp_diff"] = float(diff.mean()) if diff.numel() else 0.0
+            if algo.is_correction:
+                weights, stats = importance_weights(old_logp, rollout_logp, response, algo.is_cap)
+                loss_advantages = advantages[:, None] * weights
+                is_stats.update(stats)
 
         prompts = sorted(set(ro.prompt_index[keep.to(ro.prompt_index.device)].tolist()))
         per_mini = algo.mini_batch_size or len(prompts) or 1
@@ -229,7 +273,9 @@ def run_rl(config) -> Run:
                 run.optimizer.zero_grad(set_to_none=True)
                 for idx in d.aligned(micro_batches(ro, d.shard(rows), algo)):
                     dummy = idx is None  # keeps FSDP's collectives in step: zero weight
-                    loss, metrics = policy_loss(run.model, ro, idx or rows[:1], old_logp, ref_logp, advantages, config)
+                    loss, metrics = policy_loss(
+                        run.model, ro, idx or rows[:1], old_logp, ref_logp, loss_advantages, config
+                    )
                     share = 0.0 if dummy else len(idx) / len(rows)
                     # The sum over ranks of these is the single-process loss; FSDP averages, loss_scale undoes it.
                     (loss * share * d.loss_scale).backward()
@@ -250,6 +296,7 @@ def run_rl(config) -> Run:
                 **{k: v / max(n_updates, 1) for k, v in sums.items()},
                 **rollout_metrics(ro, scores, rewards),
                 **(tag_metrics(ro, scores, [e.tag for e in batch]) if config.data.tag_key else {}),
+                **is_stats,
                 "updates": n_updates,
                 "grad_norm": grad_norm,
                 "lr": run.scheduler.get_last_lr()[0],

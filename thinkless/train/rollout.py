@@ -24,6 +24,10 @@ class Rollouts:
     texts: list[str]  # the decoded responses (control tokens kept)
     lengths: torch.Tensor  # int64 [B*n]: response tokens
     prompt_width: int = 0  # P: the columns of the left-padded prompts
+    # [B*n, P+R-1]: log-prob of token j+1 under the distribution it was sampled from, as the engine computed it (the
+    # same layout as the trainer's log-probs; 0 off the responses). The importance-sampling correction and the
+    # `rollout_logp_diff` metric compare it with the trainer's own.
+    rollout_logp: torch.Tensor | None = None
 
 
 def merge_rollouts(parts: list[Rollouts], prompts: list[int], device) -> Rollouts:
@@ -37,7 +41,13 @@ def merge_rollouts(parts: list[Rollouts], prompts: list[int], device) -> Rollout
         out[:, P - width : P - width + t.shape[1]] = t
         return out
 
+    def place_shifted(t: torch.Tensor, width: int) -> torch.Tensor:  # column c holds token c + 1
+        out = t.new_zeros((t.shape[0], P + R - 1))
+        out[:, P - width : P - width + t.shape[1]] = t
+        return out
+
     offsets = [sum(prompts[:i]) for i in range(len(parts))]
+    with_logp = all(r.rollout_logp is not None for r in parts)
     cat = lambda ts: torch.cat(ts).to(device)  # noqa: E731
     return Rollouts(
         input_ids=cat([place(r.input_ids, r.prompt_width) for r in parts]),
@@ -48,7 +58,27 @@ def merge_rollouts(parts: list[Rollouts], prompts: list[int], device) -> Rollout
         texts=[t for r in parts for t in r.texts],
         lengths=cat([r.lengths for r in parts]),
         prompt_width=P,
+        rollout_logp=cat([place_shifted(r.rollout_logp, r.prompt_width) for r in parts]) if with_logp else None,
     )
+
+
+class _SampledLogprobs:
+    """A logits processor that runs last: it keeps log_softmax of the final scores (the distribution `generate`
+    samples from) and, one step later, reads off the log-prob of the token that was drawn from it."""
+
+    def __init__(self):
+        self.last: torch.Tensor | None = None
+        self.picked: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.take(input_ids[:, -1])
+        self.last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def take(self, tokens: torch.Tensor) -> None:
+        if self.last is not None:
+            self.picked.append(self.last.gather(1, tokens[:, None]).squeeze(1))
+            self.last = None
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -68,14 +98,23 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
     was_training = model.training
     model.eval()
     # Plain temperature (and top_p) sampling, the distribution the loss's log-probs assume: the model's own
-    # generation_config (top_k, repetition_penalty, ...) must not reshape it.
+    # generation_config (top_k, repetition_penalty, ...) must not reshape it. The warpers are passed as processors,
+    # with temperature and top_p 1 to `generate`: its own warpers would run after our recorder, which must see the
+    # final scores.
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    recorder = _SampledLogprobs()
+    processors = [TemperatureLogitsWarper(rollout.temperature)]
+    if rollout.top_p < 1.0:
+        processors.append(TopPLogitsWarper(rollout.top_p))
     out = model.generate(
         **enc,
         do_sample=True,
-        temperature=rollout.temperature,
-        top_p=rollout.top_p,
+        temperature=1.0,
+        top_p=1.0,
         top_k=0,
         repetition_penalty=1.0,
+        logits_processor=LogitsProcessorList([*processors, recorder]),
         max_new_tokens=rollout.max_new_tokens,
         num_return_sequences=rollout.n,
         pad_token_id=tokenizer.pad_token_id,
@@ -84,6 +123,7 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
         # rerun the whole sequence for every new token), whatever a model's configs say.
         use_cache=True,
     )
+    recorder.take(out[:, -1])
     model.train(was_training)
     P = enc["input_ids"].shape[1]
     generated = out[:, P:]
@@ -91,19 +131,38 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
     # A response ends at its first stop token (kept: the model must learn to stop); everything after is padding.
     # A pad token sampled before it is an ordinary token of the response.
     response = (is_stop.long().cumsum(1) - is_stop.long()) == 0
+    picked = torch.stack(recorder.picked, dim=1)  # one per generated column (max_new_tokens >= 1)
     prompt_attention = enc["attention_mask"].repeat_interleave(rollout.n, dim=0)
+    return assemble(out[:, :P], prompt_attention, generated, response, picked, tokenizer, rollout.n)
+
+
+def assemble(prompt_ids, prompt_attention, generated, response, logp, tokenizer, n: int) -> Rollouts:
+    """Rollouts from any engine's tokens: left-padded prompts [S, P] (each repeated n times), the generated tokens
+    [S, R], which of them belong to the response [S, R] (up to and including the stop token), and the engine's
+    log-prob of each generated token [S, R] (NaN where the engine gave none)."""
+    P = prompt_ids.shape[1]
     ids = control_token_ids(tokenizer)
     modes = [mode_of_token(int(t), ids[SHORT], ids[THINK]) for t in generated[:, 0]]
     texts = [
         tokenizer.decode(row[mask], skip_special_tokens=True) for row, mask in zip(generated, response, strict=True)
     ]
     return Rollouts(
-        input_ids=out,
+        input_ids=torch.cat((prompt_ids, generated), dim=1),
         attention_mask=torch.cat((prompt_attention, response.long()), dim=1),
         response_mask=torch.cat((torch.zeros_like(prompt_attention, dtype=torch.bool), response), dim=1),
-        prompt_index=torch.arange(len(prompts), device=device).repeat_interleave(rollout.n),
+        prompt_index=torch.arange(len(generated) // n, device=generated.device).repeat_interleave(n),
         modes=modes,
         texts=texts,
         lengths=response.sum(1),
         prompt_width=P,
+        rollout_logp=_shifted_logp(logp, response, P),
     )
+
+
+def _shifted_logp(logp: torch.Tensor, response: torch.Tensor, P: int) -> torch.Tensor:
+    """The log-probs of the generated tokens [S, R] in the trainer's [S, P+R-1] layout (column c: token c+1), 0 off
+    the responses."""
+    S, R = response.shape
+    out = torch.zeros(S, P + R - 1, dtype=torch.float32, device=response.device)
+    out[:, P - 1 :] = torch.where(response, logp.float(), 0.0)
+    return out

@@ -121,7 +121,7 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
     if train:
         algo = config.algo
         rollout_model = None
-        if d.world > 1 and stage == "rl":
+        if d.world > 1 and stage == "rl" and config.rollout.engine == "hf":
             rollout_model = copy.deepcopy(model).eval().requires_grad_(False)
         model = shard_model(model, d)
         optimizer = torch.optim.AdamW(
