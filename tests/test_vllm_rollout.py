@@ -68,8 +68,9 @@ def test_rl_with_the_vllm_engine(workdir, monkeypatch, include_stop):  # noqa: F
     from thinkless.train.rl import run_rl
 
     out = workdir / f"vllm-{include_stop}"
-    config = _config(workdir, "rl", f"trainer.output_dir={out}", "trainer.total_steps=2", "rollout.engine=vllm",
-                     "algo.is_correction=true", "rollout.max_new_tokens=8", f"model.path={_sft(workdir)}")  # fmt: skip
+    settings = ["trainer.total_steps=2", "rollout.engine=vllm", "algo.is_correction=true", "rollout.max_new_tokens=8"]
+    settings += [f"model.path={_sft(workdir)}", "trainer.device=cpu"]  # fp32 anywhere: the stand-in samples in fp32
+    config = _config(workdir, "rl", f"trainer.output_dir={out}", *settings)
     run_rl(config)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["updates"] == 1 for r in rows)
