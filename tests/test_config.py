@@ -85,12 +85,13 @@ def test_text_settings_stay_text():
         ("trainer.report_to=foo", r"trainer.report_to must be one of none, tensorboard, wandb"),
         ("rollout.engine=sglang", r"rollout.engine must be one of hf, vllm"),
         ("algo.is_cap=0", r"algo.is_cap must be > 0"),
+        ("rollout.engine=vllm rollout.temperature=0.005", r"must be in \[0.01, 2\] with rollout.engine=vllm"),
         ("rollout.vllm_gpu_memory_utilization=0", r"rollout.vllm_gpu_memory_utilization must be in \(0, 1\]"),
     ],
 )
 def test_out_of_range_settings_fail_at_once(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split())
 
 
 @pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])

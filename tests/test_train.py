@@ -292,7 +292,7 @@ def test_resume_applies_a_changed_learning_rate(workdir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.6])
-def test_rollout_logprobs_are_those_of_the_sampling_distribution(workdir, top_p):
+def test_rollout_logprobs_are_those_of_the_sampling_distribution(workdir, top_p, monkeypatch):
     """The HF engine records each sampled token's log-prob under the distribution it was drawn from. With top_p = 1
     that is the trainer's own softmax at the temperature (recomputed here by a full forward); with top_p < 1 the
     nucleus is renormalised: the recorded log-prob exceeds the full softmax's by -log(nucleus mass) >= 0."""
@@ -304,6 +304,13 @@ def test_rollout_logprobs_are_those_of_the_sampling_distribution(workdir, top_p)
                      f"rollout.top_p={top_p}")  # fmt: skip
     tokenizer = load_tokenizer(str(workdir / "base"))
     model = load_model(str(workdir / "base"), tokenizer, config, torch.device("cpu"), trainable=False)
+    # Warpers a model's generation_config may ask for (transformers adds them after the caller's processors, where
+    # they would reshape what is sampled behind the recorder's back): never built.
+    import transformers.generation.logits_process as lp
+
+    model.generation_config.min_p, model.generation_config.typical_p = 0.3, 0.5
+    for name in ("MinPLogitsWarper", "TypicalLogitsWarper"):
+        monkeypatch.setattr(getattr(lp, name), "__init__", lambda self, *a, **k: pytest.fail("a late warper"))
     torch.manual_seed(1)
     ro = generate(model, tokenizer, ["<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n"] * 2, config.rollout)
     full = sequence_logprobs(model, ro, 0.7, config.algo)

@@ -289,6 +289,8 @@ def validate(config: Config) -> None:
         "model.dtype": (config.model.dtype, ("auto", "bfloat16", "float16", "float32")),
         "model.attn_implementation": (config.model.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2")),
     }
+    if r.engine == "vllm" and not 0.01 <= r.temperature <= 2.0:  # vLLM raises lower ones to 0.01, refuses > 2
+        raise ConfigError(f"rollout.temperature must be in [0.01, 2] with rollout.engine=vllm, got {r.temperature!r}")
     for name, (value, options) in choices.items():
         if value not in options:
             raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")

@@ -1,8 +1,9 @@
 """RL with DeGRPO: sample, reward, group-relative advantages, then the decoupled PPO loss on the policy.
 
-One step: `trainer.batch_size` prompts -> `rollout.n` samples each (HF generate) -> rewards from the mode and the
-\\boxed{} answer -> `group_advantages` by prompt -> old-policy (and reference) log-probs by `token_logprobs` ->
-`algo.ppo_epochs` passes of `fused_linear_degrpo_loss` over mini-batches of prompts, micro-batches of sequences.
+One step: `trainer.batch_size` prompts -> `rollout.n` samples each (HF generate or vLLM) -> rewards from the mode
+and the \\boxed{} answer -> `group_advantages` by prompt -> old-policy (and reference) log-probs by
+`token_logprobs` -> `algo.ppo_epochs` passes of `fused_linear_degrpo_loss` over mini-batches of prompts,
+micro-batches of sequences.
 
 Unlike vanilla GRPO, the control token's loss is normalised on its own and weighted by `algo.alpha`, so the
 thousands of tokens of a long answer no longer drown the one token that picks the mode (Fang et al., 2025).
@@ -129,7 +130,10 @@ def importance_weights(old_logp, rollout_logp, response: torch.Tensor, cap: floa
     The rollout engine samples from its own numerics (vLLM's kernels, a bf16 KV cache); the PPO ratio is taken
     against the trainer's old log-probs. w re-weights each token towards the distribution the loss assumes, and the
     cap bounds the variance. As w > 0 multiplies the clipped PPO term of its token, it is folded into a per-token
-    advantage: max(-wA r, -wA clip(r)) = w max(-A r, -A clip(r)). The KL term is not weighted."""
+    advantage: max(-wA r, -wA clip(r)) = w max(-A r, -A clip(r)). The KL term is not weighted.
+
+    With rollout.top_p < 1 the engine's log-probs are those of the renormalised nucleus while the trainer's are the
+    full softmax at the temperature: w then also carries the nucleus mass (<= 1), as in verl and TRL."""
     log_ratio = (old_logp - rollout_logp).double()
     ratio = log_ratio.exp()
     weights = torch.where(response, ratio.clamp(max=cap), torch.ones_like(ratio)).to(old_logp.dtype)
@@ -256,7 +260,8 @@ def run_rl(config) -> Run:
             known = response & ~ro.rollout_logp.isnan()  # an engine may leave a token's log-prob out: weight 1
             rollout_logp = torch.where(known, ro.rollout_logp, old_logp)
             diff = (old_logp - rollout_logp).abs()[known]
-            is_stats["rollout_logp_diff"] = float(diff.mean()) if diff.numel() else 0.0
+            if diff.numel():  # no known token: no figure (0 would read as perfect agreement)
+                is_stats["rollout_logp_diff"] = float(diff.mean())
             if algo.is_correction:
                 weights, stats = importance_weights(old_logp, rollout_logp, response, algo.is_cap)
                 loss_advantages = advantages[:, None] * weights
@@ -299,7 +304,7 @@ def run_rl(config) -> Run:
                 **is_stats,
                 "updates": n_updates,
                 "grad_norm": grad_norm,
-                "lr": run.scheduler.get_last_lr()[0],
+                "lr": run.optimizer.param_groups[0]["lr"],  # the rate in force (also when no update ran)
                 "tokens_per_s": tokens / seconds,
                 "step_seconds": seconds,
                 # Where the step's time goes (rank 0's clock; the phases end in collectives, so ranks agree).

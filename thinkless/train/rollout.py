@@ -62,6 +62,15 @@ def merge_rollouts(parts: list[Rollouts], prompts: list[int], device) -> Rollout
     )
 
 
+# Warpers that transformers adds after the caller's processors when a model's generation_config asks for them: off,
+# so that the recorder sees the scores that are sampled (and the loss's temperature softmax is what is sampled).
+_NO_LATE_WARPERS = {
+    name: value
+    for name, value in dict(min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None).items()
+    if hasattr(__import__("transformers").GenerationConfig(), name)
+}
+
+
 class _SampledLogprobs:
     """A logits processor that runs last: it keeps log_softmax of the final scores (the distribution `generate`
     samples from) and, one step later, reads off the log-prob of the token that was drawn from it."""
@@ -114,6 +123,7 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
         top_p=1.0,
         top_k=0,
         repetition_penalty=1.0,
+        **_NO_LATE_WARPERS,
         logits_processor=LogitsProcessorList([*processors, recorder]),
         max_new_tokens=rollout.max_new_tokens,
         num_return_sequences=rollout.n,
@@ -131,7 +141,9 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
     # A response ends at its first stop token (kept: the model must learn to stop); everything after is padding.
     # A pad token sampled before it is an ordinary token of the response.
     response = (is_stop.long().cumsum(1) - is_stop.long()) == 0
-    picked = torch.stack(recorder.picked, dim=1)  # one per generated column (max_new_tokens >= 1)
+    # One per generated column; an engine step that generate undoes afterwards (it runs one extra step on MPS) adds
+    # a record past the last column, cut here.
+    picked = torch.stack(recorder.picked, dim=1)[:, : generated.shape[1]]
     prompt_attention = enc["attention_mask"].repeat_interleave(rollout.n, dim=0)
     return assemble(out[:, :P], prompt_attention, generated, response, picked, tokenizer, rollout.n)
 

@@ -101,7 +101,7 @@ def run_sft(config) -> Run:
                 "loss": loss_sum,
                 "entropy": entropy_sum,
                 "grad_norm": grad_norm,
-                "lr": run.scheduler.get_last_lr()[0],
+                "lr": run.optimizer.param_groups[0]["lr"],
                 "tokens": n_tokens,
                 "tokens_per_s": n_tokens / seconds,
                 "step_seconds": seconds,

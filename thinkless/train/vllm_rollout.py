@@ -48,8 +48,8 @@ class VLLMRollout:
             )
         r = config.rollout
         self.rollout, self.dist, self.sleeps = r, d, r.vllm_sleep
-        if d.world == 1:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process
+        if d.world == 1:  # the engine in this process (forced: in a subprocess the weights would be pickled)
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.llm = vllm.LLM(
             model=model_path,
             skip_tokenizer_init=True,  # prompts go in as token ids; texts are decoded by the trainer's tokenizer
@@ -96,20 +96,21 @@ class VLLMRollout:
             logprobs=0,
             stop_token_ids=stops,
             detokenize=False,
-        )  # fmt: skip  (no per-request seed: the engine's own generator, seeded per rank, runs on across steps)
+        )  # fmt: skip  (no per-request seed: in process, vLLM samples from the CUDA generator the trainer seeds)
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
         self.sleep()
         return rollouts_from_outputs(encoded, outputs, stops, tokenizer, r.n, next(model.parameters()).device)
 
 
-def response_of(completion, stops: list[int]) -> tuple[list[int], list[float]]:
+def response_of(completion, stops: list[int], eos: int) -> tuple[list[int], list[float]]:
     """A completion's tokens and their log-probs, ending with its stop token when it stopped on one (appended, with
-    an unknown log-prob, if the engine left it out: the model must learn to stop)."""
+    an unknown log-prob, if the engine left it out: the model must learn to stop). vLLM's stop_reason is the stop
+    token's id, or None for the EOS."""
     tokens = list(completion.token_ids)
     logps = [_sampled_logprob(completion.logprobs, i, t) for i, t in enumerate(tokens)]
     if completion.finish_reason == "stop" and (not tokens or tokens[-1] not in stops):
-        stop = completion.stop_reason if isinstance(completion.stop_reason, int) else stops[0]
+        stop = completion.stop_reason if isinstance(completion.stop_reason, int) else eos
         tokens.append(stop)
         logps.append(math.nan)
     return tokens, logps
@@ -125,13 +126,14 @@ def _sampled_logprob(logprobs, position: int, token: int) -> float:
 def rollouts_from_outputs(encoded: list[list[int]], outputs, stops, tokenizer, n: int, device) -> Rollouts:
     """vLLM's RequestOutputs as Rollouts: prompts left-padded, responses right-padded, as the HF engine gives them."""
     pad = tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id if getattr(tokenizer, "eos_token_id", None) in stops else stops[0]
     P = max(len(ids) for ids in encoded)
     rows = []
     for ids, out in zip(encoded, outputs, strict=True):
         completions = sorted(out.outputs, key=lambda c: c.index)
         if len(completions) != n:
             raise RuntimeError(f"vLLM returned {len(completions)} samples for a prompt, expected rollout.n={n}")
-        rows += [(ids, *response_of(c, stops)) for c in completions]
+        rows += [(ids, *response_of(c, stops, eos)) for c in completions]
     R = max(1, max(len(tokens) for _, tokens, _ in rows))
     S = len(rows)
     prompt_ids = torch.full((S, P), pad, dtype=torch.long)
