@@ -143,8 +143,18 @@ def fused_linear_impls(shape: dict, device) -> dict[str, Callable[[], Impl]]:
 
         return _autograd(loss, h_ext, w)
 
+    def ours_big_chunks():
+        # An experiment for the next GPU: each chunk re-reads and re-writes the fp32 dW accumulator (8 V H bytes),
+        # which at the default 512 MiB of logits (1766 rows at V=151936) moves more bytes than the chunk's logits
+        # once H passes ~1100. 2 H rows per chunk should cut that traffic 2-4x for ~2 GiB more logits buffer.
+        H = h.shape[-1]
+        return _autograd(
+            lambda hh, ww: fused_linear_degrpo_loss(hh, ww, targets, old, adv, mask, chunk_size=2 * H)[0], h, w
+        )
+
     return {
         "thinkless": lambda: _autograd(ours(), h, w),
+        "thinkless_big_chunks": ours_big_chunks,
         "thinkless_torch": lambda: _autograd(ours("torch"), h, w),  # the chunk loop with its row work in torch ops
         "torch": lambda: _autograd(
             lambda hh, ww: reference.fused_linear_degrpo_loss(hh, ww, targets, old, adv, mask)[0], h, w

@@ -12,7 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 
-NAMES = {"thinkless": "thinkless", "torch": "eager torch", "liger": "Liger", "liger_triton": "Liger Triton loss"}
+NAMES = {
+    "thinkless": "thinkless",
+    "thinkless_big_chunks": "thinkless, 2H-row chunks",
+    "torch": "eager torch",
+    "liger": "Liger",
+    "liger_triton": "Liger Triton loss",
+}
 
 
 def ratio(x: float) -> str:

@@ -95,7 +95,8 @@ SUITES = {
     ),
     "fused_linear_degrpo_loss": Suite(
         # liger_triton: Liger's Triton GRPO loss on the materialised logits, CUDA only.
-        baselines={"cpu": LINEAR_BASELINES, "cuda": ("torch", "liger", "liger_triton", FLOOR)},
+        # thinkless_big_chunks: ours with 2 H rows per chunk (an experiment, see _cases.py), CUDA only.
+        baselines={"cpu": LINEAR_BASELINES, "cuda": ("thinkless_big_chunks", "torch", "liger", "liger_triton", FLOOR)},
         shapes={"cpu": CPU_LINEAR, "cuda": GPU_LINEAR},
         rounds={"cpu": 5, "cuda": 10},
         warmup=1,
