@@ -2,8 +2,12 @@
 # Everything a lent GPU is for, in one command: the CUDA tests, one RL step per trainer feature, the kernel
 # benchmarks at real shapes. Run from the repository root; results go to $OUT (default gpu_out/).
 #
-#   bash bench/gpu_session.sh                    # all three stages
-#   STAGES="bench" BENCH_K="fused_linear and forward" bash bench/gpu_session.sh
+#   STAGES="tests rl" bash bench/gpu_session.sh            # first call: ~2 + ~3 min on an H200
+#   STAGES=bench bash bench/gpu_session.sh                  # second call: one pytest + JSON per kernel
+#   STAGES=bench BENCH_KERNELS=fused_linear_degrpo_loss BENCH_K="full" bash bench/gpu_session.sh
+#
+# One call runs at most 10 minutes: all three stages together (tests 111 s, rl 161 s, the whole CUDA suite more
+# than 200 s on 2026-11-26) do not fit one; split them as above.
 #
 # The package is used from the source tree (PYTHONPATH), so nothing is built: the native extension is a CPU
 # backend. THINKLESS_DATA points the trainer's tests at the math problems when ../shared/data is not beside the
