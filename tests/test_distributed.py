@@ -109,3 +109,24 @@ def test_two_rank_sft_trains_what_one_process_trains(base):
         assert update > 0, key
         # Adam turns last-bit differences of the reduced gradients into small weight differences: 1 % of the update.
         assert (one[key] - two[key]).abs().max() <= 0.01 * update, key
+
+
+def test_two_rank_rl_with_the_vllm_engine(base, tmp_path):
+    """rollout.engine=vllm under torchrun (the CPU stand-in for vLLM, tests/fake_vllm.py): one engine per rank,
+    each synced with the full weights gathered from the FSDP2 shards before every generation (a level-2 sleep NaNs
+    the stand-in's weights, so sampling would fail without it), and the gathered rollouts keep their log-probs."""
+    calls = tmp_path / "calls"
+    calls.mkdir()
+    settings = [*RL, "trainer.total_steps=2", "trainer.output_dir=vllm", "rollout.engine=vllm"]
+    settings.append("algo.is_correction=true")
+    torchrun(str(HERE / "vllm_worker.py"), str(calls), "rl", *settings, cwd=base)
+    rows = [json.loads(line) for line in (base / "vllm" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["samples"] == 3 * 4 for r in rows)
+    assert all(r["rollout_logp_diff"] < 1e-4 and r["is_weight_mean"] == pytest.approx(1.0, abs=1e-3) for r in rows)
+    step = [["apply_model"], ["reset_prefix_cache"], ["generate"], ["sleep", 2]]
+    wake = [["wake_up", ["weights"]], ["apply_model"], ["wake_up", ["kv_cache"]], ["reset_prefix_cache"]]
+    for rank in (0, 1):
+        record = json.loads((calls / f"rank{rank}.json").read_text())
+        assert record["calls"] == step + wake + step[2:]
+        assert record["kwargs"]["distributed_executor_backend"] == "external_launcher"
+        assert record["kwargs"]["seed"] == rank  # trainer.seed + rank
