@@ -36,13 +36,8 @@ def merge_rollouts(parts: list[Rollouts], prompts: list[int], device) -> Rollout
     P = max(r.prompt_width for r in parts)
     R = max(r.input_ids.shape[1] - r.prompt_width for r in parts)
 
-    def place(t: torch.Tensor, width: int) -> torch.Tensor:
-        out = t.new_zeros((t.shape[0], P + R))
-        out[:, P - width : P - width + t.shape[1]] = t
-        return out
-
-    def place_shifted(t: torch.Tensor, width: int) -> torch.Tensor:  # column c holds token c + 1
-        out = t.new_zeros((t.shape[0], P + R - 1))
+    def place(t: torch.Tensor, width: int, shifted: bool = False) -> torch.Tensor:  # shifted: column c is token c+1
+        out = t.new_zeros((t.shape[0], P + R - shifted))
         out[:, P - width : P - width + t.shape[1]] = t
         return out
 
@@ -58,17 +53,19 @@ def merge_rollouts(parts: list[Rollouts], prompts: list[int], device) -> Rollout
         texts=[t for r in parts for t in r.texts],
         lengths=cat([r.lengths for r in parts]),
         prompt_width=P,
-        rollout_logp=cat([place_shifted(r.rollout_logp, r.prompt_width) for r in parts]) if with_logp else None,
+        rollout_logp=cat([place(r.rollout_logp, r.prompt_width, shifted=True) for r in parts]) if with_logp else None,
     )
 
 
-# Warpers that transformers adds after the caller's processors when a model's generation_config asks for them: off,
-# so that the recorder sees the scores that are sampled (and the loss's temperature softmax is what is sampled).
-_NO_LATE_WARPERS = {
-    name: value
-    for name, value in dict(min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None).items()
-    if hasattr(__import__("transformers").GenerationConfig(), name)
-}
+def _no_late_warpers() -> dict:
+    """Warpers that transformers adds after the caller's processors when a model's generation_config asks for them,
+    switched off: the recorder must see the scores that are sampled (and the loss's temperature softmax is what is
+    sampled). Only the settings this transformers knows."""
+    from transformers import GenerationConfig
+
+    known = GenerationConfig()
+    off = dict(min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None)
+    return {name: value for name, value in off.items() if hasattr(known, name)}
 
 
 class _SampledLogprobs:
@@ -123,7 +120,7 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
         top_p=1.0,
         top_k=0,
         repetition_penalty=1.0,
-        **_NO_LATE_WARPERS,
+        **_no_late_warpers(),
         logits_processor=LogitsProcessorList([*processors, recorder]),
         max_new_tokens=rollout.max_new_tokens,
         num_return_sequences=rollout.n,
