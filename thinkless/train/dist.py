@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -93,8 +94,13 @@ def shutdown() -> None:
     exception") when the interpreter exits with the group still up."""
     global _CURRENT
     if dist.is_available() and dist.is_initialized():
+        # The run's FSDP modules and device mesh sit in reference cycles that hold the process group: collected
+        # here, while the interpreter is whole, the group is destroyed now and not during interpreter teardown
+        # (where gloo aborted a rank in 1 of 15 two-rank runs; 0 of 90 with this, on the 2-core CPU).
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
     _CURRENT = Dist()
 
 
