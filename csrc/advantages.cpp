@@ -37,11 +37,10 @@ at::Tensor group_advantages(const at::Tensor& rewards, const at::Tensor& group_i
   // each group begins in it, then n.
   std::vector<int64_t> order(n);
   std::vector<int64_t> starts;
-  const auto [lo, hi] = std::minmax_element(gp, gp + n);
-  const bool sorted = std::is_sorted(gp, gp + n);
-  if (sorted) {  // the trainer's layout, prompt by prompt: the groups are runs
+  if (std::is_sorted(gp, gp + n)) {  // the trainer's layout, prompt by prompt: the groups are runs
     std::iota(order.begin(), order.end(), 0);
-  } else if (static_cast<uint64_t>(*hi) - static_cast<uint64_t>(*lo) < static_cast<uint64_t>(4 * n)) {
+  } else if (const auto [lo, hi] = std::minmax_element(gp, gp + n);
+             static_cast<uint64_t>(*hi) - static_cast<uint64_t>(*lo) < static_cast<uint64_t>(4 * n)) {
     // Dense ids (any order): a counting sort, linear in n. On the 2-core EPYC, 8192 shuffled ids: 0.06 ms, against
     // 0.41 ms with the stable sort below and 0.31 ms for torch's unique + index_add.
     const int64_t range = *hi - *lo + 1;
