@@ -47,7 +47,11 @@ class DataConfig:
     answer_key: str = _key("answer", "column holding the reference final answer (without \\boxed{})")
     response_key: str = _key("response", "SFT: column holding the target response, starting with its control token")
     messages_key: str = _key("messages", "SFT: column holding a chat [{role, content}, ...] instead")
-    instruction: str = _key(INSTRUCTION, "appended to every problem in the user turn")
+    instruction: str = _key(INSTRUCTION, "the instruction added to every problem in the user turn")
+    instruction_position: str = _key(
+        "after", "where the instruction goes: after (problem, space, instruction), before (instruction, newline, "
+        "problem: the authors' eval prompt) or none (the problem alone: the authors' RL prompt)"
+    )
     tag_key: str = _key("", "RL: column that tags each problem (e.g. level); metrics are also reported per tag")
     max_prompt_tokens: int = _key(1024, "prompts longer than this are dropped (with a count in the log)")
     max_length: int = _key(8192, "SFT: longest prompt + response in tokens; longer examples are truncated")
@@ -72,6 +76,13 @@ class AlgoConfig:
     clip_high: float = _key(0.2, "PPO clip range: ratio <= 1 + clip_high")
     kl_coef: float = _key(0.0, "weight of the KL term to the reference model (loaded only when > 0)")
     kl_type: str = _key("k3", "KL estimator: k1, k2 or k3")
+    kl_clamp: float = _key(0.0, "clamp each token's KL estimate to [-kl_clamp, kl_clamp] (verl's low_var_kl: 10); 0: off")
+    entropy_coef: float = _key(0.0, "entropy bonus: the loss subtracts entropy_coef x the token-mean entropy")
+    loss_agg: str = _key(
+        "token_mean", "aggregation of the response term: token_mean, seq_mean_token_mean (per-sequence 1/T_i) or "
+        "seq_mean_token_sum_norm (Dr. GRPO: each sequence's sum / loss_agg_norm)"
+    )
+    loss_agg_norm: int = _key(0, "seq_mean_token_sum_norm: the constant token count; 0: rollout.max_new_tokens")
     normalize_std: bool = _key(False, "divide advantages by the group std (GRPO); false: Dr. GRPO, as Thinkless")
     filter_groups: bool = _key(False, "drop groups whose rewards are all equal (zero advantage)")
     ppo_epochs: int = _key(1, "passes over each batch of rollouts")
@@ -81,6 +92,7 @@ class AlgoConfig:
     padding_free: bool = _key(False, "pack each micro-batch into one row (positions restart; no padding computed)")
     lr: float = _key(1e-6, "AdamW learning rate")
     weight_decay: float = _key(0.0, "AdamW weight decay")
+    betas: list[float] = _key([0.9, 0.999], "AdamW betas (beta1, beta2); the authors' run uses [0.9, 0.95]")
     warmup_steps: int = _key(0, "linear learning-rate warmup, in optimizer updates")
     lr_scheduler: str = _key("constant", "after the warmup: constant, cosine or linear (decay to 0 at the last step)")
     max_grad_norm: float = _key(1.0, "gradient clipping")
@@ -108,6 +120,18 @@ class TrainerConfig:
     seed: int = _key(0, "random seed")
     device: str = _key("auto", "auto (cuda if available), cuda or cpu")
     report_to: str = _key("none", "none, tensorboard or wandb")
+    val_files: list[str] = _key([], "RL: files to validate on every val_every steps (val/<file>/... metrics)")
+    val_every: int = _key(0, "RL: validate every this many steps (and before the first); 0: never")
+    val_n: int = _key(1, "RL: samples per validation problem")
+
+
+@dataclass
+class EvalConfig:
+    seeds: list[int] = _key([], "one pass over each file per seed (one sample per problem and seed), averaged "
+                                "with the spread across seeds; empty: one pass with trainer.seed")
+    count_prompt_tokens: bool = _key(False, "count tokens as prompt + response (the authors' table); else response")
+    force_mode: str = _key("", "short or think: the control token goes into the prompt, so that one mode is measured; "
+                               "empty: the model chooses")
 
 
 @dataclass
@@ -128,6 +152,7 @@ SECTIONS = {
     "algo": AlgoConfig,
     "rewards": RewardsConfig,
     "trainer": TrainerConfig,
+    "eval": EvalConfig,
     "demo": DemoConfig,
 }
 
@@ -140,6 +165,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def to_dict(self) -> dict:
@@ -156,13 +182,14 @@ def _field_types(section_cls) -> dict[str, object]:
 
 
 def _coerce(name: str, value, kind):
-    """value as `kind` (bool, int, float, str or list[str]), or a ConfigError naming the key."""
+    """value as `kind` (bool, int, float, str or a list of one of them), or a ConfigError naming the key."""
     if typing.get_origin(kind) is list:
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
-        return [str(v) for v in value]
+        (item,) = typing.get_args(kind)
+        return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -265,6 +292,9 @@ def validate(config: Config) -> None:
         ("algo.micro_batch_tokens", a.micro_batch_tokens, 0), ("algo.warmup_steps", a.warmup_steps, 0),
         ("algo.alpha", a.alpha, 0), ("algo.clip_low", a.clip_low, 0), ("algo.clip_high", a.clip_high, 0),
         ("algo.kl_coef", a.kl_coef, 0), ("algo.weight_decay", a.weight_decay, 0),
+        ("algo.kl_clamp", a.kl_clamp, 0), ("algo.entropy_coef", a.entropy_coef, 0),
+        ("algo.loss_agg_norm", a.loss_agg_norm, 0),
+        ("trainer.val_every", t.val_every, 0), ("trainer.val_n", t.val_n, 1),
         ("data.max_prompt_tokens", config.data.max_prompt_tokens, 1), ("data.max_length", config.data.max_length, 2),
         ("demo.levels", config.demo.levels, 1), ("demo.warmup_steps", config.demo.warmup_steps, 0),
         ("demo.warmup_batch_size", config.demo.warmup_batch_size, 1),
@@ -281,8 +311,13 @@ def validate(config: Config) -> None:
     ]:  # fmt: skip
         if not 0 < value <= 1:
             raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+    if len(a.betas) != 2 or not all(0 <= b < 1 for b in a.betas):
+        raise ConfigError(f"algo.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {a.betas!r}")
     choices = {
         "algo.kl_type": (a.kl_type, ("k1", "k2", "k3")),
+        "algo.loss_agg": (a.loss_agg, ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")),
+        "data.instruction_position": (config.data.instruction_position, ("after", "before", "none")),
+        "eval.force_mode": (config.eval.force_mode, ("", "short", "think")),
         "rollout.engine": (r.engine, ("hf", "vllm")),
         "algo.lr_scheduler": (a.lr_scheduler, ("constant", "cosine", "linear")),
         "trainer.report_to": (t.report_to, ("none", "tensorboard", "wandb")),
