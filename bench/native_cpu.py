@@ -52,7 +52,7 @@ def row_work_torch(zs, targets, g):
 def row_work_native(zs, targets, g):
     z = zs.t()
     lse, logp, entropy = torch.ops.thinkless.row_stats(z, targets, 1.0, True)
-    torch.ops.thinkless.row_grad_(z, targets, lse, g, 1.0)
+    torch.ops.thinkless.row_grad_(z, targets, lse, g, 1.0, None, None)
     return lse, logp, entropy
 
 

@@ -1,5 +1,6 @@
 // Row work of the fused linear loss on one chunk of logits: logsumexp, target log-prob and entropy (row_stats),
-// then dL/dlogits = g * (onehot(target) - softmax) written over the logits (row_grad_).
+// then dL/dlogits = g * (onehot(target) - softmax), plus the entropy's gradient when asked, written over the logits
+// (row_grad_).
 //
 // The chunk is a [n, V] view of a contiguous [V, n] buffer: the layout in which the chunk GEMM h W^T runs fastest
 // on CPU. Consecutive rows are then adjacent in memory, so a SIMD vector holds one vocabulary entry of several rows
@@ -102,23 +103,35 @@ void row_stats_impl(const scalar_t* z, const int64_t* target, int64_t n, int64_t
   });
 }
 
+// With an entropy gradient gamma per row (dL/dH / temperature), dL/dx_v gains gamma * dH/dx_v = -gamma p_v (x_v -
+// lse + H): the row's coefficient becomes -(g + gamma (H - lse)) - gamma x_v, one more multiply-add per logit.
 template <typename scalar_t>
-void row_grad_impl(scalar_t* z, const int64_t* target, const scalar_t* lse, const scalar_t* grad, int64_t n,
-                   int64_t V, scalar_t inv_temp) {
+void row_grad_impl(scalar_t* z, const int64_t* target, const scalar_t* lse, const scalar_t* grad,
+                   const scalar_t* entropy, const scalar_t* entropy_grad, int64_t n, int64_t V, scalar_t inv_temp) {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   const L lanes{z, n};
   const int64_t vectors = (n + L::kVec - 1) / L::kVec;
   at::parallel_for(0, vectors, 1, [&](int64_t j0, int64_t j1) {
     const Vec it(inv_temp);
-    std::vector<Vec> l(j1 - j0), minus_g(j1 - j0);
+    std::vector<Vec> l(j1 - j0), minus_g(j1 - j0), minus_gamma(j1 - j0);
     for (int64_t j = j0; j < j1; ++j) {
-      l[j - j0] = lanes.load_rows(lse, j);
-      minus_g[j - j0] = Vec(0) - lanes.load_rows(grad, j);
+      const int64_t k = j - j0;
+      l[k] = lanes.load_rows(lse, j);
+      minus_g[k] = Vec(0) - lanes.load_rows(grad, j);
+      if (entropy_grad) {
+        minus_gamma[k] = Vec(0) - lanes.load_rows(entropy_grad, j);
+        minus_g[k] = at::vec::fmadd(minus_gamma[k], lanes.load_rows(entropy, j) - l[k], minus_g[k]);
+      }
     }
-    for (int64_t v = 0; v < V; ++v)  // one pass, each vocabulary entry a contiguous run of this thread's rows
-      for (int64_t j = j0; j < j1; ++j)
-        lanes.store(z, v, j, minus_g[j - j0] * (lanes.load(z, v, j) * it - l[j - j0]).exp_u20());
+    for (int64_t v = 0; v < V; ++v) {  // one pass, each vocabulary entry a contiguous run of this thread's rows
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t k = j - j0;
+        const Vec x = lanes.load(z, v, j) * it;
+        const Vec p = (x - l[k]).exp_u20();
+        lanes.store(z, v, j, entropy_grad ? p * at::vec::fmadd(minus_gamma[k], x, minus_g[k]) : p * minus_g[k]);
+      }
+    }
     for (int64_t r = j0 * L::kVec; r < std::min(n, j1 * L::kVec); ++r) z[target[r] * n + r] += grad[r];
   });
 }
@@ -168,15 +181,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_stats(const at::Tensor& logit
 }
 
 void row_grad_(at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse, const at::Tensor& grad,
-               double inv_temp) {
+               double inv_temp, const c10::optional<at::Tensor>& entropy,
+               const c10::optional<at::Tensor>& entropy_grad) {
   check_chunk(logits, targets);
   check_per_row(lse, "lse", logits);
   check_per_row(grad, "grad", logits);
+  TORCH_CHECK_VALUE(entropy.has_value() == entropy_grad.has_value(),
+                    "thinkless._C: entropy and entropy_grad go together (the gradient needs each row's entropy)");
+  if (entropy_grad.has_value()) {
+    check_per_row(*entropy, "entropy", logits);
+    check_per_row(*entropy_grad, "entropy_grad", logits);
+  }
   const int64_t n = logits.size(0), V = logits.size(1);
   if (n == 0) return;
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "row_grad_", [&] {
+    const bool has_entropy = entropy_grad.has_value();
     row_grad_impl<scalar_t>(logits.data_ptr<scalar_t>(), targets.data_ptr<int64_t>(), lse.data_ptr<scalar_t>(),
-                            grad.data_ptr<scalar_t>(), n, V, static_cast<scalar_t>(inv_temp));
+                            grad.data_ptr<scalar_t>(), has_entropy ? entropy->data_ptr<scalar_t>() : nullptr,
+                            has_entropy ? entropy_grad->data_ptr<scalar_t>() : nullptr, n, V,
+                            static_cast<scalar_t>(inv_temp));
   });
 }
 

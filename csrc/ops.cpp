@@ -13,12 +13,16 @@ TORCH_LIBRARY(thinkless, m) {
   m.def("group_advantages(Tensor rewards, Tensor group_ids, bool normalize_std, float eps) -> Tensor");
   m.def(
       "degrpo_forward(Tensor logp, Tensor old_logp, Tensor advantages, Tensor response_mask, Tensor? ref_logp, "
-      "Tensor? control_mask, float clip_low, float clip_high, int kl_type) -> Tensor");
+      "Tensor? control_mask, Tensor? token_weights, float clip_low, float clip_high, int kl_type, float kl_clamp) "
+      "-> Tensor");
   m.def(
       "degrpo_backward(Tensor logp, Tensor old_logp, Tensor advantages, Tensor response_mask, Tensor? ref_logp, "
-      "Tensor? control_mask, Tensor weights, float clip_low, float clip_high, int kl_type, bool has_kl) -> Tensor");
+      "Tensor? control_mask, Tensor? token_weights, Tensor weights, float clip_low, float clip_high, int kl_type, "
+      "float kl_clamp, bool has_kl) -> Tensor");
   m.def("row_stats(Tensor logits, Tensor targets, float inv_temp, bool want_entropy) -> (Tensor, Tensor, Tensor)");
-  m.def("row_grad_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor grad, float inv_temp) -> ()");
+  m.def(
+      "row_grad_(Tensor(a!) logits, Tensor targets, Tensor lse, Tensor grad, float inv_temp, Tensor? entropy, "
+      "Tensor? entropy_grad) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(thinkless, CPU, m) {

@@ -85,3 +85,124 @@ def test_bad_sft_rows_and_files(tokenizer, tmp_path):
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(DataError, match=r"broken.json: cannot be read as json"):
         read_rows(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize(
+    ("position", "content"),
+    [
+        ("after", "What is 1+1? Think."),  # the trainer's first layout: problem, space, instruction
+        ("before", "Think.\n  What is 1+1? "),  # the authors' eval prompt: f"{instruction}\n{problem}", exactly
+        ("none", "  What is 1+1? "),  # the authors' RL prompt: the problem alone
+    ],
+)
+def test_instruction_position_in_rl_and_sft_prompts(tokenizer, tmp_path, position, content):
+    (tmp_path / "rl.json").write_text(json.dumps([{"problem": "  What is 1+1? ", "answer": "2"}]))
+    (tmp_path / "sft.json").write_text(json.dumps([{"problem": "  What is 1+1? ", "response": "<short>\\boxed{2}"}]))
+    config = load_config(None, ["data.instruction=Think.", f"data.instruction_position={position}"])
+    expected = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True)  # fmt: skip
+    (rl,) = load_problems([str(tmp_path / "rl.json")], tokenizer, config)
+    (sft,) = load_sft([str(tmp_path / "sft.json")], tokenizer, config)
+    assert rl.prompt == sft.prompt == expected
+
+
+GSM8K = [
+    {"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+     "answer": "In May she sold 48/2 = <<48/2=24>>24 clips.\nSo 48+24 = <<48+24=72>>72 in all.\n#### 72"},
+    {"question": "A shop sells 1,000 pens a day for 1 dollar... ", "answer": "1000 * 1.234 = 1234\n#### 1,234"},
+    {"question": "Debt?", "answer": "She owes 5 #### 4 ... then\n#### -12.5"},
+]  # fmt: skip
+MATH = [
+    {"problem": "Solve $x+1=2$.", "solution": "Subtract 1: $x = \\boxed{1}$.", "level": "Level 1", "type": "Algebra"},
+    {"problem": "Area?", "solution": "It is $\\boxed{\\frac{\\pi}{2}}$ square units.", "level": "Level 2",
+     "type": "Geometry"},
+    {"problem": "Solve $2x=6$.", "solution": "So $x=\\boxed 3$.", "level": "Level 1", "type": "algebra"},
+]  # fmt: skip
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_gsm8k_and_math_solutions_give_their_final_answers(tokenizer, tmp_path):
+    """GSM8K: the question, and the answer after the last #### without commas; MATH: the last \\boxed{} of the
+    solution. Both with the default (auto) keys and format."""
+    gsm8k = load_problems([_jsonl(tmp_path / "gsm8k.jsonl", GSM8K)], tokenizer, load_config())
+    assert [e.answer for e in gsm8k] == ["72", "1234", "-12.5"]
+    assert gsm8k[0].prompt.startswith("<|im_start|>user\nNatalia sold 48 clips")
+    math = load_problems([_jsonl(tmp_path / "math.jsonl", MATH)], tokenizer, load_config())
+    assert [e.answer for e in math] == ["1", "\\frac{\\pi}{2}", "3"]
+    # Explicit keys and formats: the same answers; plain keeps the text as it is.
+    config = load_config(None, ["data.problem_key=question", "data.answer_key=answer", "data.answer_format=gsm8k"])
+    got = load_problems([str(tmp_path / "gsm8k.jsonl")], tokenizer, config)
+    assert [e.answer for e in got] == ["72", "1234", "-12.5"]
+    config = load_config(None, ["data.answer_key=solution", "data.answer_format=boxed"])
+    assert [e.answer for e in load_problems([str(tmp_path / "math.jsonl")], tokenizer, config)][0] == "1"
+    plain = load_problems([str(tmp_path / "gsm8k.jsonl")], tokenizer, load_config(None, ["data.answer_format=plain"]))
+    assert plain[0].answer == GSM8K[0]["answer"].strip()
+    # An answer column wins over a solution; a list of accepted answers (Minerva's) gives its first.
+    rows = [{"problem": "p", "answer": "7", "solution": "\\boxed{8}"}, {"problem": "q", "answer": ["9.6\n", "9.60"]}]
+    got = load_problems([_jsonl(tmp_path / "both.jsonl", rows)], tokenizer, load_config())
+    assert [e.answer for e in got] == ["7", "9.6"]
+
+
+def test_filter_keeps_one_type(tokenizer, tmp_path):
+    path = _jsonl(tmp_path / "math.jsonl", MATH)
+    config = load_config(None, ["data.filter_key=type", "data.filter_values=[Algebra]"])
+    kept = load_problems([path], tokenizer, config)
+    assert [e.source for e in kept] == [f"{path}:0", f"{path}:2"]  # whole values, any case; rows keep their index
+    config = load_config(None, ["data.filter_key=type", "data.filter_values=[Algebra, Geometry]"])
+    assert len(load_problems([path], tokenizer, config)) == 3
+    config = load_config(None, ["data.filter_key=type", "data.filter_values=[Precalculus]"])
+    with pytest.raises(DataError, match=r"math.jsonl: no row has type in \['Precalculus'\] .*: Algebra, Geometry"):
+        load_problems([path], tokenizer, config)
+
+
+def test_filter_on_the_real_math_train_split(tokenizer):
+    """math_train.json by type, counted independently; its Algebra subset holds two rows without an answer, and the
+    first stops the run with its row number, like any bad row."""
+    path = tiny.DATA / "math_train.json"
+    rows = json.loads(path.read_text())
+    for kind in ("Geometry", "Prealgebra"):
+        config = load_config(None, ["data.filter_key=type", f"data.filter_values=[{kind}]"])
+        got = load_problems([str(path)], tokenizer, config)
+        expected = [i for i, r in enumerate(rows) if r["type"] == kind]
+        assert [int(e.source.rsplit(":", 1)[1]) for e in got] == expected and len(expected) > 800
+        assert [e.answer for e in got] == [rows[i]["answer"].strip() for i in expected]
+    bad = next(i for i, r in enumerate(rows) if r["type"] == "Algebra" and r["answer"] is None)
+    config = load_config(None, ["data.filter_key=type", "data.filter_values=[Algebra]"])
+    with pytest.raises(DataError, match=rf"math_train.json: row {bad}: missing 'answer'"):
+        load_problems([str(path)], tokenizer, config)
+
+
+@pytest.mark.parametrize(
+    ("rows", "settings", "message"),
+    [
+        ([{"question": "q", "answer": "no marker"}], ["data.answer_format=gsm8k"],
+         r"bad.json: row 0: 'answer' has no '#### <answer>' \(data.answer_format=gsm8k\)"),
+        ([{"problem": "p", "solution": "It is 3."}], [],
+         r"bad.json: row 0: 'solution' is a solution without a final answer \(no \\boxed\{\} and no ####\)"),
+        ([{"problem": "p", "solution": "\\boxed{3"}], ["data.answer_format=boxed", "data.answer_key=solution"],
+         r"bad.json: row 0: 'solution' has no complete \\boxed\{...\}"),
+        ([{"problem": "p", "answer": "#### "}], [], r"bad.json: row 0: 'answer' gives an empty final answer"),
+        ([{"prompt": "p", "answer": "1"}], [],
+         r"bad.json: row 0: missing 'problem' \(the row has: prompt, answer\); data.problem_key=auto looks for "
+         r"'problem' or 'question'"),
+        ([{"problem": "p", "answer": "1"}], ["data.filter_key=type", "data.filter_values=[Algebra]"],
+         r"bad.json: row 0: missing 'type' \(data.filter_key\)"),
+    ],
+)  # fmt: skip
+def test_bad_answers_and_filters_name_file_row_and_key(tokenizer, tmp_path, rows, settings, message):
+    (tmp_path / "bad.json").write_text(json.dumps(rows))
+    with pytest.raises(DataError, match=message):
+        load_problems([str(tmp_path / "bad.json")], tokenizer, load_config(None, settings))
+
+
+def test_bad_data_settings():
+    from thinkless.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.answer_format must be one of auto, plain, gsm8k, boxed, got 'latex'"):
+        load_config(None, ["data.answer_format=latex"])
+    with pytest.raises(ConfigError, match=r"data.filter_key and data.filter_values go together"):
+        load_config(None, ["data.filter_key=type"])

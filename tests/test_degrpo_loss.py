@@ -18,12 +18,26 @@ OPTIONS = {
     "kl_k3": dict(kl_coef=0.2, kl_type="k3"),
     "ref_no_kl": dict(kl_coef=0.0, kl_type="k3"),  # ref given: KL is reported, not added
     "control_mask": dict(alpha=0.7),
-}
+    "seq_mean": dict(loss_agg="seq_mean_token_mean", alpha=0.5),
+    "seq_mean_grpo": dict(loss_agg="seq_mean_token_mean", decoupled=False),
+    "sum_norm": dict(loss_agg="seq_mean_token_sum_norm", loss_agg_norm=64.0, alpha=0.5),
+    "sum_norm_grpo_kl": dict(loss_agg="seq_mean_token_sum_norm", loss_agg_norm=64.0, decoupled=False, kl_coef=0.1,
+                             kl_type="k3"),
+    "kl_k3_clamp": dict(kl_coef=0.2, kl_type="k3", kl_clamp=0.02),
+    "kl_k1_clamp": dict(kl_coef=0.2, kl_type="k1", kl_clamp=0.1, decoupled=False),
+    "normalizers": dict(normalizers=dict(control_tokens=11, response_tokens=3000, sequences=13), alpha=0.3),
+    "normalizers_seq_mean": dict(normalizers=dict(control_tokens=11, response_tokens=3000, sequences=13),
+                                 loss_agg="seq_mean_token_mean", decoupled=False),
+    "token_weights": dict(loss_agg="seq_mean_token_mean", alpha=0.5),  # random token weights: see _run
+    "token_weights_token_mean": dict(decoupled=False, kl_coef=0.1, kl_type="k2"),
+}  # fmt: skip
 
 
-def _run(fn, logp, old, ref, adv, mask, opts, *, control_mask=None, **kw):
+def _run(fn, logp, old, ref, adv, mask, opts, *, control_mask=None, token_weights=None, **kw):
     x = logp.detach().clone().requires_grad_(True)
     use_ref = ref if "kl_type" in opts else None
+    if token_weights is not None:
+        kw["token_weights"] = token_weights.to(device=logp.device, dtype=logp.dtype)
     loss, metrics = fn(x, old, adv, mask, ref_logp=use_ref, control_mask=control_mask, **opts, **kw)
     loss.backward()
     return loss.detach(), metrics, x.grad
@@ -55,15 +69,17 @@ def test_matches_reference(device, backend, shape, option, per_token_adv):
         logp, old, ref, adv, mask = cases.loss_inputs(*shape, per_token_adv=per_token_adv, clip=0.1)
         old = torch.where(((logp - old).exp() - 1.28).abs() < 1e-3, old + 5e-3, old)
     control = _control_mask(mask) if option == "control_mask" else None
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(5)) if "token_weights" in option else None
 
     t_loss, t_metrics, t_grad = _run(
         reference.degrpo_loss, logp.double(), old.double(), ref.double(), adv.double(), mask, opts,
-        control_mask=control,
+        control_mask=control, token_weights=weights,
     )  # fmt: skip
     on = lambda x: None if x is None else x.to(device)  # noqa: E731
     loss, metrics, grad = _run(
-        degrpo_loss, on(logp), on(old), on(ref), on(adv), on(mask), opts, control_mask=on(control), backend=backend
-    )
+        degrpo_loss, on(logp), on(old), on(ref), on(adv), on(mask), opts, control_mask=on(control),
+        token_weights=on(weights), backend=backend,
+    )  # fmt: skip
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32 and loss.device.type == device.type
     # The loss sums token terms of both signs; next to a near-zero result the error of any float32 sum is large,
     # so the error is measured against the magnitude of the summed terms.
@@ -228,3 +244,94 @@ def test_only_logp_is_differentiated(device, backend):
     old, adv = old.to(device).requires_grad_(True), adv.to(device).requires_grad_(True)
     loss, _ = degrpo_loss(logp.to(device), old, adv, mask.to(device), backend=backend)
     assert not loss.requires_grad  # logp is the only input that carries a gradient
+
+
+def _token_losses(logp, old, adv, clip=0.2):
+    ratio = (logp - old).exp()
+    return torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+
+
+@pytest.mark.parametrize("decoupled", [True, False])
+@pytest.mark.parametrize("agg", reference.LOSS_AGGS)
+@pytest.mark.parametrize("with_normalizers", [False, True])
+def test_reference_loss_agg_formulas(decoupled, agg, with_normalizers):
+    """reference.degrpo_loss against each aggregation written out as loops over sequences and tokens."""
+    logp, old, ref, adv, mask = cases.loss_inputs(6, 23, seed=11)
+    logp, old, adv = logp.double(), old.double(), adv.double()
+    counts = dict(control_tokens=9.0, response_tokens=200.0, sequences=12.0) if with_normalizers else None
+    alpha, norm = 0.4, 32.0
+    rows = [(i, mask[i].nonzero()[:, 0].tolist()) for i in range(6)]
+    rows = [(i, tokens) for i, tokens in rows if tokens]  # sequences with a response
+    L = _token_losses(torch.where(mask, logp, 0.0), old, adv[:, None])
+    n_control = counts["control_tokens"] if counts else len(rows)
+    n_response = counts["response_tokens"] if counts else float(mask.sum())
+    n_seq = counts["sequences"] if counts else len(rows)
+    control_term = sum(L[i, tokens[0]].item() for i, tokens in rows) / n_control
+    term = {i: tokens[1:] if decoupled else tokens for i, tokens in rows}
+    if agg == "token_mean":
+        divisor = n_response - n_control if decoupled else n_response
+        response_term = sum(L[i, t].item() for i, tokens in term.items() for t in tokens) / divisor
+    elif agg == "seq_mean_token_mean":
+        response_term = sum(sum(L[i, t].item() for t in tokens) / len(tokens) for i, tokens in term.items() if tokens)
+        response_term /= n_seq
+    else:
+        response_term = sum(L[i, t].item() for i, tokens in term.items() for t in tokens) / (n_seq * norm)
+    want = alpha * control_term + response_term if decoupled else response_term
+    loss, metrics = reference.degrpo_loss(
+        logp, old, adv, mask, alpha=alpha, decoupled=decoupled, loss_agg=agg, loss_agg_norm=norm, normalizers=counts
+    )
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert metrics["control_loss"].item() == pytest.approx(control_term, rel=1e-12)
+
+
+def test_kl_clamp_is_the_authors_low_var_kl():
+    """verl's low_var_kl (the authors' kl_penalty): kl = ref - logp; clamp(exp(kl) - kl - 1, -10, 10)."""
+    logp = torch.tensor([-1.0, -30.0, -0.5, -2.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-1.2, -2.0, -0.5, -25.0], dtype=torch.float64)
+    kl = ref - logp.detach()
+    authors = torch.clamp(torch.exp(kl) - kl - 1, min=-10, max=10)
+    ours = reference.kl_penalty(logp, ref, "k3", clamp=10.0)
+    torch.testing.assert_close(ours, authors, rtol=1e-12, atol=0)
+    assert bool((ours == 10).any())  # the clamp is reached
+    (grad,) = torch.autograd.grad(ours.sum(), logp)
+    assert grad[1] == 0 and grad[0] != 0  # clamped tokens are constant
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_normalizers_make_micro_batches_add_up(device, backend):
+    """With the whole batch's normalisers, the losses and gradients of any split add up to the whole batch's."""
+    from thinkless.kernels import Normalizers
+
+    logp, old, ref, adv, mask = (x.to(device) for x in cases.loss_inputs(7, 40, seed=3))
+    for agg, decoupled in [("token_mean", True), ("seq_mean_token_mean", False), ("seq_mean_token_sum_norm", True)]:
+        opts = dict(loss_agg=agg, loss_agg_norm=50.0, decoupled=decoupled, kl_coef=0.1, alpha=0.5, backend=backend)
+        x = logp.clone().requires_grad_(True)
+        whole, _ = degrpo_loss(x, old, adv, mask, ref_logp=ref, **opts)
+        (want,) = torch.autograd.grad(whole, x)
+        counts = Normalizers.count(mask)
+        x = logp.clone().requires_grad_(True)
+        parts = sum(
+            degrpo_loss(x[r], old[r], adv[r], mask[r], ref_logp=ref[r], normalizers=counts, **opts)[0]
+            for r in ([0], [1, 2, 3], [4, 5, 6])
+        )
+        (grad,) = torch.autograd.grad(parts, x)
+        assert parts.item() == pytest.approx(whole.item(), rel=1e-5, abs=1e-7), agg
+        assert cases.rel_err(grad.cpu(), want.cpu()) < 1e-5, agg
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(loss_agg="sum"), "loss_agg must be one of"),
+        (dict(loss_agg="seq_mean_token_sum_norm"), "needs loss_agg_norm > 0"),
+        (dict(normalizers=dict(control_tokens=1, response_tokens=2)), "normalizers must be a Normalizers"),
+        (dict(normalizers=dict(control_tokens=-1, response_tokens=2, sequences=1)), "normalizers.control_tokens"),
+        (dict(normalizers=dict(control_tokens=5, response_tokens=2, sequences=1)), "cannot exceed response_tokens"),
+        (dict(kl_clamp=-1.0), "kl_clamp must be >= 0"),
+        (dict(token_weights=torch.ones(2, 3)), "token_weights has shape"),
+    ],
+)
+def test_bad_aggregation_options_are_named(kwargs, message):
+    logp, old, ref, adv, mask = cases.loss_inputs(3, 5, seed=0)
+    with pytest.raises(ValueError, match=message):
+        degrpo_loss(logp, old, adv, mask, **kwargs)

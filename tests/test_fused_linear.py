@@ -50,6 +50,18 @@ OPTIONS = {
     "degrpo_t0.6": dict(temperature=0.6, alpha=1e-3),
     "kl_k3_bias_t0.6": dict(temperature=0.6, kl_coef=0.2, kl_type="k3", alpha=0.5, clip_low=0.1, clip_high=0.28),
     "grpo_t1": dict(temperature=1.0, decoupled=False, kl_coef=0.05, kl_type="k1"),
+    "entropy_seq_mean_t0.6": dict(temperature=0.6, entropy_coef=0.05, loss_agg="seq_mean_token_mean", alpha=0.5),
+    "entropy_sum_norm_clamp": dict(
+        temperature=0.7,
+        entropy_coef=0.01,
+        loss_agg="seq_mean_token_sum_norm",
+        loss_agg_norm=64.0,
+        kl_coef=0.2,
+        kl_type="k3",
+        kl_clamp=0.01,
+        decoupled=False,
+        normalizers=dict(control_tokens=40, response_tokens=500, sequences=40),
+    ),
 }
 
 
@@ -409,3 +421,37 @@ def test_temperature_reaches_a_float64_kernel_whole(x):
     assert f32(hi) == hi and f32(lo) == lo  # each passes through an fp32 argument unchanged
     assert abs((hi + lo) - x) <= 2**-48 * x  # added in fp64: x to 4e-15 (48 bits of the 53)
     assert f32(hi + lo) == f32(x)  # added in fp32: fp32(x), as before
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("decoupled", [True, False])
+def test_entropy_gradient_gradcheck_float64(backend, decoupled):
+    """The entropy bonus's gradient (Triton, C++ and torch row work) against finite differences, in float64."""
+    hidden, weight, bias, targets, old, adv, mask, ref = _inputs(2, 5, 11, seed=4, bias=True)
+    opts = dict(temperature=0.7, entropy_coef=0.3, decoupled=decoupled, loss_agg="seq_mean_token_mean",
+                kl_coef=0.1, ref_logp=ref.double(), backend=backend, chunk_size=3)  # fmt: skip
+
+    def loss(h, w, b):
+        return fused_linear_degrpo_loss(h, w, targets, old.double(), adv.double(), mask, bias=b, **opts)[0]
+
+    leaves = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias)]
+    assert torch.autograd.gradcheck(loss, leaves)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_entropy_bonus_alone_matches_the_materialised_entropy(backend):
+    """With zero advantages and no KL the loss is -coef x the token-mean entropy: its gradient is the entropy's."""
+    hidden, weight, bias, targets, old, adv, mask, ref = _inputs(3, 9, 257, seed=6)
+    h1, w1 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    _, entropy = reference.token_logprobs(h1, w1, targets, temperature=0.8)
+    want = -0.5 * entropy[mask].mean()
+    want.backward()
+    h2, w2 = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    zero = torch.zeros_like(adv, dtype=torch.float64)
+    loss, metrics = fused_linear_degrpo_loss(
+        h2, w2, targets, old.double(), zero, mask, temperature=0.8, entropy_coef=0.5, backend=backend
+    )
+    loss.backward()
+    assert loss.item() == pytest.approx(want.item(), rel=1e-10)
+    assert metrics["entropy"].item() == pytest.approx(entropy[mask].mean().item(), rel=1e-10)
+    assert cases.rel_err(h2.grad, h1.grad) < 1e-10 and cases.rel_err(w2.grad, w1.grad) < 1e-10

@@ -34,11 +34,12 @@ def _sample_args():
     tokens = (logp, logp + 0.1, torch.randn(B, generator=gen), mask)
     logits = torch.randn(V, n, generator=gen).t()  # [n, V] view of a [V, n] buffer
     targets = torch.randint(0, V, (n,), generator=gen)
-    weights = torch.tensor([0.5, 0.25, 0.1], dtype=torch.float64)
+    weights = torch.tensor([0.5, 0.0, 0.25, 0.1], dtype=torch.float64)
+    token_weights = torch.rand(B, T, generator=gen)
     return {
         "group_advantages": (torch.randn(8, generator=gen), torch.tensor([3, 1, 3, 3, 1, 7, 7, 1]), True, 1e-6),
-        "degrpo_forward": (*tokens, logp - 0.2, None, 0.2, 0.28, 3),
-        "degrpo_backward": (*tokens, logp - 0.2, mask, weights, 0.2, 0.28, 3, True),
+        "degrpo_forward": (*tokens, logp - 0.2, None, token_weights, 0.2, 0.28, 3, 10.0),
+        "degrpo_backward": (*tokens, logp - 0.2, mask, token_weights, weights, 0.2, 0.28, 3, 0.05, True),
         "row_stats": (logits, targets, 1.5, True),
         "row_grad_": (
             logits.clone(memory_format=torch.preserve_format),
@@ -46,6 +47,8 @@ def _sample_args():
             torch.rand(n) + 3,
             torch.randn(n),
             1.5,
+            torch.rand(n),  # entropy
+            torch.randn(n),  # its gradient
         ),
     }
 
@@ -77,7 +80,7 @@ def test_custom_ops_trace_under_torch_compile_fake_mode():
         lse, logp, entropy = torch.ops.thinkless.row_stats(*map(fake, args["row_stats"]))
         assert lse.shape == logp.shape == entropy.shape == (5,)
         totals = torch.ops.thinkless.degrpo_forward(*map(fake, args["degrpo_forward"]))
-        assert totals.shape == (7,) and totals.dtype == torch.float64
+        assert totals.shape == (9,) and totals.dtype == torch.float64
         dlogp = torch.ops.thinkless.degrpo_backward(*map(fake, args["degrpo_backward"]))
         assert dlogp.shape == (3, 7)
 
@@ -109,7 +112,12 @@ def test_degrpo_ops_check_their_inputs():
     with pytest.raises(ValueError, match=r"logp must have contiguous tokens"):
         torch.ops.thinkless.degrpo_forward(args[0].t().contiguous().t(), *args[1:])
     with pytest.raises(ValueError, match=r"kl_type must be 1, 2 or 3"):
-        torch.ops.thinkless.degrpo_forward(*args[:-1], 4)
+        torch.ops.thinkless.degrpo_forward(*args[:-2], 4, args[-1])
+    with pytest.raises(ValueError, match=r"token_weights has shape \[3, 6\], expected \[3, 7\]"):
+        torch.ops.thinkless.degrpo_forward(*args[:6], args[6][:, :6], *args[7:])
+    with pytest.raises(ValueError, match=r"entropy and entropy_grad go together"):
+        grad_args = _sample_args()["row_grad_"]
+        torch.ops.thinkless.row_grad_(grad_args[0].t().contiguous().t(), *grad_args[1:6], None)
     g = list(_sample_args()["group_advantages"])
     with pytest.raises(ValueError, match=r"group_ids must be Long"):
         torch.ops.thinkless.group_advantages(g[0], g[1].int(), *g[2:])

@@ -28,6 +28,7 @@ def workdir(tmp_path_factory):
         hybrid.append({"problem": r["problem"], "response": f"<think>{thought}</think> \\boxed{{{r['answer']}}}"})
     (root / "sft.jsonl").write_text("\n".join(json.dumps(x) for x in hybrid))
     (root / "rl.json").write_text(json.dumps([{"problem": r["problem"], "answer": r["answer"]} for r in rows]))
+    (root / "val.json").write_text(json.dumps([{"problem": r["problem"], "answer": r["answer"]} for r in rows[:6]]))
     return root
 
 
@@ -61,9 +62,23 @@ def test_sft_rl_crash_resume_eval(workdir, monkeypatch):
 
     # A straight RL run, for reference.
     # With a KL reference lacking the control tokens: loading it resizes its embeddings, which draws random numbers.
-    kl = ["algo.kl_coef=0.02", f"model.ref_path={workdir / 'base'}"]
+    # Validated before the first step and every second one (trainer.val_*), with the authors' extra terms on.
+    kl = ["algo.kl_coef=0.02", f"model.ref_path={workdir / 'base'}", "algo.kl_clamp=10", "algo.entropy_coef=0.001"]
+    kl += [f"trainer.val_files=[{workdir / 'val.json'}]", "trainer.val_every=2", "trainer.val_n=2"]
     run_rl(_config(workdir, "rl", f"trainer.output_dir={workdir / 'straight'}", *kl))
     straight = [json.loads(line) for line in (workdir / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in straight] == [0, 1, 2, 3, 4]
+    val_keys = {"val/val/accuracy", "val/val/think_ratio", "val/val/mean_tokens"}
+    assert [val_keys <= set(r) for r in straight] == [True, False, True, False, True]
+    for step in (0, 2, 4):
+        report = json.loads((workdir / "straight" / "eval" / f"step-{step}" / "val.json").read_text())
+        assert report["n"] == 2 * 6 and report["accuracy"] == straight[step]["val/val/accuracy"]
+    straight = straight[1:]  # the training steps
+    from thinkless.train.cli import main as cli_main
+
+    assert cli_main(["plot", str(workdir / "straight")]) == 0  # the figures of a real run, validation included
+    for name in ("think_ratio", "accuracy", "response_length", "reward", "validation"):
+        assert (workdir / "straight" / "plots" / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     for key in (
         "loss",
         "control_loss",
@@ -77,6 +92,9 @@ def test_sft_rl_crash_resume_eval(workdir, monkeypatch):
         "response_tokens_think",
         "groups_all_correct",
         "groups_all_wrong",
+        "groups_all_correct_think",
+        "groups_all_correct_short",
+        "groups_mixed_modes",
         "clip_frac",
         "kl",
         "entropy",
@@ -109,14 +127,20 @@ def test_sft_rl_crash_resume_eval(workdir, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_rl(_config(workdir, "rl", f"trainer.output_dir={out}", *kl))
     monkeypatch.undo()
-    assert _steps(out) == [1, 2, 3]
+    assert _steps(out) == [0, 1, 2, 3]
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"step": 4, "loss": 0.')  # and the crash cut a line short
     run_rl(_config(workdir, "rl", f"trainer.output_dir={out}", *kl))
-    assert _steps(out) == [1, 2, 3, 4]  # each step exactly once
+    assert _steps(out) == [0, 1, 2, 3, 4]  # each step exactly once, the validation before training kept
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = json.loads((workdir / "straight" / "metrics.jsonl").read_text().splitlines()[0])
+    drop_time = lambda row: {k: v for k, v in row.items() if k != "val_seconds"}  # noqa: E731
+    assert drop_time(resumed[0]) == drop_time(first)  # validation draws from its own seed: the same numbers
+    resumed = resumed[1:]
     for a, b in zip(straight, resumed, strict=True):  # RNG, optimizer and data position all came back
+        for key in val_keys & set(a):  # validations of the same weights, in order
+            assert a[key] == b[key], (a["step"], key)
         assert a["reward_mean"] == b["reward_mean"] and a["response_tokens_mean"] == b["response_tokens_mean"]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-7)
         assert a["kl"] == pytest.approx(b["kl"], rel=1e-4, abs=1e-9)

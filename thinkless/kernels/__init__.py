@@ -8,17 +8,19 @@ to the compiled extension when it is built and to the torch reference otherwise.
 from thinkless.kernels import reference
 from thinkless.kernels._backend import BACKENDS, select_backend
 from thinkless.kernels.advantages import group_advantages
-from thinkless.kernels.degrpo_loss import DeGRPOParams, degrpo_loss
+from thinkless.kernels.degrpo_loss import DeGRPOParams, Normalizers, degrpo_loss, sequence_token_weights
 from thinkless.kernels.fused_linear import fused_linear_cross_entropy, fused_linear_degrpo_loss, token_logprobs
 
 __all__ = [
     "BACKENDS",
     "DeGRPOParams",
+    "Normalizers",
     "degrpo_loss",
     "fused_linear_cross_entropy",
     "fused_linear_degrpo_loss",
     "group_advantages",
     "reference",
     "select_backend",
+    "sequence_token_weights",
     "token_logprobs",
 ]

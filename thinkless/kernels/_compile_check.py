@@ -12,6 +12,7 @@ Run it without TRITON_INTERPRET=1: under the interpreter `triton.jit` gives no c
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
 import re
@@ -73,47 +74,49 @@ def _variants() -> list[Variant]:
     # Every feature switch of the loss kernels, in fp32, bf16 and fp64 log-probs.
     row_strides = ["stride_logp", "stride_old", "stride_adv_b", "stride_adv_t", "stride_resp", "stride_ref"]
     strides = {name: "i32" for name in [*row_strides, "stride_ctrl"]}
-    options = {"clip_low": "fp32", "clip_high": "fp32"}
+    strides["stride_tw"] = "i32"
+    options = {"clip_low": "fp32", "clip_high": "fp32", "kl_clamp": "fp32"}
     for dtype in ("fp32", "bf16", "fp64"):
         compute = tl.float64 if dtype == "fp64" else tl.float32
-        for kl_type in (0, 1, 2, 3):  # 0: no reference log-probs
-            for has_control in (False, True):
-                tokens = {
-                    "logp_ptr": f"*{dtype}",
-                    "old_ptr": f"*{dtype}",
-                    "adv_ptr": "*fp32",
-                    "resp_ptr": "*u8",
-                    "ref_ptr": f"*{dtype}",
-                    "ctrl_ptr": "*u8",
-                    "first_ptr": "*i32",
-                }
-                flags = {"HAS_CONTROL_MASK": has_control, "KL_TYPE": max(kl_type, 1)}
-                tag = f"{dtype},kl={kl_type},control_mask={has_control}"
-                fwd = {**tokens, "stats_ptr": "*fp64", "T": "i32", "n_blocks": "i32", **strides, **options}
-                fwd_flags = {"HAS_REF": kl_type > 0, **flags, "NUM_STATS": degrpo_loss.NUM_STATS, "COMPUTE": compute}
-                fwd_flags["BLOCK"] = _config.DEGRPO_LOSS.block
-                out.append(
-                    Variant(
-                        f"degrpo_fwd[{tag}]",
-                        degrpo_loss._degrpo_fwd_kernel,
-                        {**fwd, **{k: "constexpr" for k in fwd_flags}},
-                        fwd_flags,
-                        _config.DEGRPO_LOSS.num_warps,
-                    )
+        # kl_type 0: no reference log-probs
+        for kl_type, has_control, has_weights in itertools.product((0, 1, 2, 3), (False, True), (False, True)):
+            tokens = {
+                "logp_ptr": f"*{dtype}",
+                "old_ptr": f"*{dtype}",
+                "adv_ptr": "*fp32",
+                "resp_ptr": "*u8",
+                "ref_ptr": f"*{dtype}",
+                "ctrl_ptr": "*u8",
+                "first_ptr": "*i32",
+                "tw_ptr": "*fp64" if dtype == "fp64" else "*fp32",
+            }
+            flags = {"HAS_CONTROL_MASK": has_control, "HAS_TOKEN_WEIGHTS": has_weights, "KL_TYPE": max(kl_type, 1)}
+            tag = f"{dtype},kl={kl_type},control_mask={has_control},token_weights={has_weights}"
+            fwd = {**tokens, "stats_ptr": "*fp64", "T": "i32", "n_blocks": "i32", **strides, **options}
+            fwd_flags = {"HAS_REF": kl_type > 0, **flags, "NUM_STATS": degrpo_loss.NUM_STATS, "COMPUTE": compute}
+            fwd_flags["BLOCK"] = _config.DEGRPO_LOSS.block
+            out.append(
+                Variant(
+                    f"degrpo_fwd[{tag}]",
+                    degrpo_loss._degrpo_fwd_kernel,
+                    {**fwd, **{k: "constexpr" for k in fwd_flags}},
+                    fwd_flags,
+                    _config.DEGRPO_LOSS.num_warps,
                 )
-                weights = "*fp64" if dtype == "fp64" else "*fp32"
-                bwd = {"dlogp_ptr": f"*{dtype}", **tokens, "weights_ptr": weights, "T": "i32"}
-                bwd.update({"stride_dlogp": "i32", **strides, **options})
-                bwd_flags = {"HAS_KL": kl_type > 0, **flags, "COMPUTE": compute, "BLOCK": _config.DEGRPO_LOSS.block}
-                out.append(
-                    Variant(
-                        f"degrpo_bwd[{tag}]",
-                        degrpo_loss._degrpo_bwd_kernel,
-                        {**bwd, **{k: "constexpr" for k in bwd_flags}},
-                        bwd_flags,
-                        _config.DEGRPO_LOSS.num_warps,
-                    )
+            )
+            weights = "*fp64" if dtype == "fp64" else "*fp32"
+            bwd = {"dlogp_ptr": f"*{dtype}", **tokens, "weights_ptr": weights, "T": "i32"}
+            bwd.update({"stride_dlogp": "i32", **strides, **options})
+            bwd_flags = {"HAS_KL": kl_type > 0, **flags, "COMPUTE": compute, "BLOCK": _config.DEGRPO_LOSS.block}
+            out.append(
+                Variant(
+                    f"degrpo_bwd[{tag}]",
+                    degrpo_loss._degrpo_bwd_kernel,
+                    {**bwd, **{k: "constexpr" for k in bwd_flags}},
+                    bwd_flags,
+                    _config.DEGRPO_LOSS.num_warps,
                 )
+            )
     # Fused linear loss row kernels: logits in fp32, bf16 or fp64 (their compute dtype fp32, fp32, fp64).
     fused_linear = importlib.import_module("thinkless.kernels.fused_linear")
     temperature = {"inv_temp_hi": "fp32", "inv_temp_lo": "fp32"}  # 1 / temperature as two fp32 halves
@@ -133,17 +136,19 @@ def _variants() -> list[Variant]:
                 )
             )
         grad = {"logits_ptr": f"*{dtype}", "target_ptr": "*i64", "lse_ptr": f"*{acc}", "grad_ptr": f"*{acc}"}
+        grad.update({"entropy_ptr": f"*{acc}", "entropy_grad_ptr": f"*{acc}"})
         grad.update({"V": "i32", "stride_row": "i64", **temperature})
-        flags = {"COMPUTE": compute, "BLOCK_V": _config.ROW_GRAD.block}
-        out.append(
-            Variant(
-                f"row_grad[{dtype}]",
-                fused_linear._row_grad_kernel,
-                {**grad, **{k: "constexpr" for k in flags}},
-                flags,
-                _config.ROW_GRAD.num_warps,
+        for entropy_grad in (False, True):
+            flags = {"HAS_ENTROPY_GRAD": entropy_grad, "COMPUTE": compute, "BLOCK_V": _config.ROW_GRAD.block}
+            out.append(
+                Variant(
+                    f"row_grad[{dtype},entropy_grad={entropy_grad}]",
+                    fused_linear._row_grad_kernel,
+                    {**grad, **{k: "constexpr" for k in flags}},
+                    flags,
+                    _config.ROW_GRAD.num_warps,
+                )
             )
-        )
     return out
 
 

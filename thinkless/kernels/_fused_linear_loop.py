@@ -25,21 +25,24 @@ from thinkless.kernels.degrpo_loss import KL_TYPES, DeGRPOParams, _backward_trit
 
 @dataclass
 class _Tokens:
-    """The per-token constants of the loss, flat [N] in chunk order, and the loss weights from the token counts."""
+    """The per-token constants of the loss, flat [N] in chunk order, and the loss weights from the normalisers."""
 
     old: Tensor
     adv: Tensor
     resp: Tensor  # bool
     ctrl: Tensor  # bool, a subset of resp
     ref: Tensor | None
-    weights: Tensor  # [3]: control, other response, KL (loss_weights)
+    tw: Tensor | None  # token weights (None: 1)
+    weights: Tensor  # [4]: control, weighted control, weighted response, KL (loss_weights)
     params: DeGRPOParams
+    entropy_weight: float = 0.0  # dL/d(entropy) of a response token: -entropy_coef / response tokens
 
     def slice(self, s: int, e: int) -> _Tokens:
         cut = lambda x: x[s:e] if x is not None else None
         return _Tokens(
-            cut(self.old), cut(self.adv), cut(self.resp), cut(self.ctrl), cut(self.ref), self.weights, self.params
-        )
+            cut(self.old), cut(self.adv), cut(self.resp), cut(self.ctrl), cut(self.ref), cut(self.tw), self.weights,
+            self.params, self.entropy_weight,
+        )  # fmt: skip
 
     def grad(self, logp: Tensor, backend: str) -> Tensor:
         """dL/dlogp of these tokens, by the backend's DeGRPO backward."""
@@ -52,6 +55,7 @@ class _CrossEntropyTokens:
     """The token-mean cross-entropy -sum(logp) / n of SFT: every row with a gradient is a target token."""
 
     weight: float  # 1 / n
+    entropy_weight: float = 0.0
 
     def slice(self, s: int, e: int) -> _CrossEntropyTokens:
         return self
@@ -67,13 +71,17 @@ def _token_grad_torch(logp: Tensor, tok: _Tokens) -> Tensor:
     unclipped = -tok.adv * ratio
     clipped = -tok.adv * torch.clamp(ratio, 1.0 - p.clip_low, 1.0 + p.clip_high)
     dtoken = torch.where(clipped > unclipped, torch.zeros_like(ratio), -tok.adv * ratio)
-    w_control, w_response, w_kl = tok.weights.to(logp.dtype).unbind()
+    w_control, w_control_weighted, w_response, w_kl = tok.weights.to(logp.dtype).unbind()
+    tw = tok.tw if tok.tw is not None else torch.ones_like(dtoken)
     zero = torch.zeros_like(dtoken)
-    g = torch.where(tok.ctrl, w_control * dtoken, torch.where(tok.resp, w_response * dtoken, zero))
+    w = torch.where(tok.ctrl, w_control + w_control_weighted * tw, w_response * tw)
+    g = torch.where(tok.resp, w * dtoken, zero)
     if tok.ref is not None and p.kl_coef != 0.0:
         d = (logp - tok.ref).double()
         # d k/d logp: k1 -> 1, k2 -> d, k3 = e^-d + d - 1 -> 1 - e^-d = -expm1(-d) (exact at small d)
+        k = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1}[p.kl_type]
         dkl = {"k1": torch.ones_like(d), "k2": d, "k3": -torch.expm1(-d)}[p.kl_type]
+        dkl = torch.where(k.abs() > p.kl_bound, torch.zeros_like(dkl), dkl)  # clamped: constant
         g = g + torch.where(tok.resp, w_kl * dkl.to(g.dtype), zero)
     return g
 
@@ -86,12 +94,16 @@ def _token_grad_triton(logp: Tensor, tok: _Tokens) -> Tensor:
     resp, ctrl = row(tok.resp).view(torch.uint8), row(tok.ctrl).view(torch.uint8)
     ref = row(tok.ref) if has_ref else row(logp)
     tokens = (row(logp), row(tok.old), row(tok.adv), resp, ref, ctrl)
+    tw = row(tok.tw) if tok.tw is not None else row(logp)
     n = logp.numel()
     strides = (n, n, n, 1, n, n, n)
-    flags = dict(HAS_CONTROL_MASK=True, KL_TYPE=KL_TYPES.index(p.kl_type) + 1, COMPUTE=_compute_dtype(logp))
+    flags = dict(
+        HAS_CONTROL_MASK=True, HAS_TOKEN_WEIGHTS=tok.tw is not None, KL_TYPE=KL_TYPES.index(p.kl_type) + 1,
+        COMPUTE=_compute_dtype(logp),
+    )  # fmt: skip
     weights = tok.weights.to(logp.dtype).contiguous()
     has_kl = has_ref and p.kl_coef != 0.0
-    return _backward_triton(tokens, strides, resp, weights, p, flags, has_kl).reshape(-1)
+    return _backward_triton(tokens, strides, resp, tw, weights, p, flags, has_kl).reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -158,7 +170,7 @@ class _RowOps:
     column_layout: bool  # the chunk is a [n, V] view of a [V, n] buffer (else a contiguous [n, V] one)
     upcast: bool  # bf16 / fp16 inputs go to fp32 for the whole pass (CPU); else GEMMs in the input dtype
     stats: Callable  # (z, targets, inv_temp, want_entropy) -> (lse, logp, entropy)
-    grad_: Callable  # (z, targets, lse, g, inv_temp) -> None: z becomes dL/d(h W^T + b)
+    grad_: Callable  # (z, targets, lse, g, inv_temp, entropy, entropy_grad) -> None: z becomes dL/d(h W^T + b)
 
 
 def _outputs(ps: _Pass, compute: torch.dtype, work: torch.dtype, acc: torch.dtype):
@@ -202,7 +214,8 @@ def _run_fused_rows(ps: _Pass, ops: _RowOps):
         if not with_grad:
             continue
         g = ps.tokens.slice(s, e).grad(lp, ps.backend) * inv_temp
-        ops.grad_(z, t, lse, g, inv_temp)  # z is now dL/d(h W^T + b)
+        gamma = _entropy_grad(ps.tokens, g, inv_temp)
+        ops.grad_(z, t, lse, g, inv_temp, ent if gamma is not None else None, gamma)  # z is now dL/d(h W^T + b)
         if dH is not None:
             torch.mm(z, weight, out=dH[s:e])
         if dW is not None:
@@ -248,6 +261,21 @@ def _run_torch(ps: _Pass):
             continue
         E = z
         g = ps.tokens.slice(s, e).grad(lp, "torch") * inv_temp
+        gamma = _entropy_grad(ps.tokens, g, inv_temp)
+        if gamma is not None:
+            # The entropy's gradient, -gamma p_v (x_v - lse + H) with x_v - lse = log E_v - log s, has a [C, V] term
+            # E log E that no small operand can carry: form dL/dz in the buffer, then the plain GEMMs.
+            log_s, H = ssum.log(), entropy[s:e]
+            E_log_E = torch.special.xlogy(E, E)  # 0 where E underflowed to 0
+            E.mul_((-(g + gamma * (H - log_s)) / ssum)[:, None]).add_(E_log_E * (-gamma / ssum)[:, None])
+            E[torch.arange(n, device=E.device), t] += g
+            if dH is not None:
+                torch.mm(E, weight, out=dH[s:e])
+            if dW is not None:
+                _accumulate(dW, E.t(), h, first=s == 0)
+            if db is not None:
+                db += E.sum(0)
+            continue
         coef = g / ssum  # g * softmax = coef * E
         if dH is not None:
             dH[s:e] = g[:, None] * weight[t] - coef[:, None] * torch.mm(E, weight)
@@ -258,6 +286,13 @@ def _run_torch(ps: _Pass):
             db.addmv_(E.t(), coef, alpha=-1.0)
             db.index_add_(0, t, g)
     return logp, entropy, dH, dW, db
+
+
+def _entropy_grad(tokens, g: Tensor, inv_temp: float) -> Tensor | None:
+    """Per row dL/dH / temperature (the rows with a gradient are response rows), or None when the bonus is off."""
+    if tokens.entropy_weight == 0.0:
+        return None
+    return torch.full_like(g, tokens.entropy_weight * inv_temp)
 
 
 def _exp_shifted_(zs: Tensor, want_entropy: bool, block_bytes: int = 2 * 2**20):
@@ -315,5 +350,6 @@ def _token_grad_native(logp: Tensor, tok: _Tokens) -> Tensor:
     has_kl = tok.ref is not None and p.kl_coef != 0.0
     return torch.ops.thinkless.degrpo_backward(
         row(logp), row(tok.old), row(tok.adv), row(tok.resp), row(tok.ref) if has_kl else None, row(tok.ctrl),
-        tok.weights.to(logp.dtype), p.clip_low, p.clip_high, KL_TYPES.index(p.kl_type) + 1, has_kl,
+        row(tok.tw) if tok.tw is not None else None, tok.weights.to(logp.dtype), p.clip_low, p.clip_high,
+        KL_TYPES.index(p.kl_type) + 1, p.kl_bound, has_kl,
     ).reshape(-1)  # fmt: skip

@@ -52,13 +52,17 @@ def _register_fakes() -> None:
         return rewards.new_empty(rewards.shape, dtype=torch.float32)
 
     @fake("thinkless::degrpo_forward")
-    def _(logp, old_logp, advantages, response_mask, ref_logp, control_mask, clip_low, clip_high, kl_type):
-        return logp.new_empty(7, dtype=torch.float64)
+    def _(
+        logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights, clip_low, clip_high, kl_type,
+        kl_clamp,
+    ):  # fmt: skip
+        return logp.new_empty(9, dtype=torch.float64)
 
     @fake("thinkless::degrpo_backward")
     def _(
-        logp, old_logp, advantages, response_mask, ref_logp, control_mask, weights, clip_low, clip_high, kl_type, has_kl
-    ):  # noqa: E501
+        logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights, weights, clip_low, clip_high,
+        kl_type, kl_clamp, has_kl,
+    ):  # fmt: skip
         return logp.new_empty(logp.shape)
 
     @fake("thinkless::row_stats")
@@ -67,5 +71,5 @@ def _register_fakes() -> None:
         return logits.new_empty(n), logits.new_empty(n), logits.new_empty(n if want_entropy else 0)
 
     @fake("thinkless::row_grad_")
-    def _(logits, targets, lse, grad, inv_temp):
+    def _(logits, targets, lse, grad, inv_temp, entropy, entropy_grad):
         return None

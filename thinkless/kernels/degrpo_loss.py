@@ -1,14 +1,16 @@
 """The DeGRPO token loss on per-token log-probs: forward and backward kernels.
 
-The loss is a handful of masked means over [B, T] tokens, so both passes are memory-bound. The forward grid is
-(row, token block); each program reduces its block to seven partial sums, and torch adds those up (deterministic,
-no atomics). The masked means need the batch-wide token counts, which are known only after that reduction, so the
-backward recomputes the per-token terms from the inputs instead of storing them: one more read of four [B, T]
-tensors, against two writes and two reads had they been stored.
+The loss is a handful of weighted sums over [B, T] tokens, so both passes are memory-bound. The forward grid is
+(row, token block); each program reduces its block to nine partial sums, and torch adds those up (deterministic,
+no atomics). The weights of those sums are the normalisers (control tokens, response tokens, sequences of the
+mini-batch, `Normalizers`), given or counted here, so the backward recomputes the per-token terms from the inputs
+instead of storing them: one more read of four [B, T] tensors, against two writes and two reads had they been
+stored. `reference.degrpo_loss` gives the formulas.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +22,10 @@ from thinkless.kernels._config import DEGRPO_LOSS, FIRST_RESPONSE
 from thinkless.kernels._triton_utils import tl, triton
 
 KL_TYPES = ("k1", "k2", "k3")
-NUM_STATS = 7  # control loss sum, response loss sum, control count, response count, clipped, kl sum, ratio sum
+LOSS_AGGS = reference.LOSS_AGGS
+# control loss sum, response loss sum, control count, response count, clipped, kl sum, ratio sum, and the two loss
+# sums again with each token's weight (token_weights; equal to the first two without them)
+NUM_STATS = 9
 
 
 @triton.jit
@@ -86,8 +91,9 @@ def _token_terms(
 
 
 @triton.jit
-def _kl_terms(logp, ref, KL_TYPE: tl.constexpr):
-    """(k, dk/dlogp) for the estimators k1, k2, k3 of KL(policy || reference), d = logp - ref.
+def _kl_terms(logp, ref, kl_clamp, KL_TYPE: tl.constexpr):
+    """(k, dk/dlogp) for the estimators k1, k2, k3 of KL(policy || reference), d = logp - ref, k clamped to
+    [-kl_clamp, kl_clamp] with a zero gradient outside (as torch.clamp; kl_clamp = inf when off).
 
     k3 = exp(-d) + d - 1 and its derivative 1 - exp(-d) cancel to ~d^2/2 and ~d at the small |d| of real
     training, where fp32 keeps only a few digits. There their Taylor series (k3 = sum_{n>=2} (-d)^n/n!) is used
@@ -96,9 +102,9 @@ def _kl_terms(logp, ref, KL_TYPE: tl.constexpr):
     """
     d = logp - ref
     if KL_TYPE == 1:
-        return d, tl.full(d.shape, 1.0, d.dtype)
+        k, dk = d, tl.full(d.shape, 1.0, d.dtype)
     elif KL_TYPE == 2:
-        return 0.5 * d * d, d
+        k, dk = 0.5 * d * d, d
     else:
         e = tl.exp(-d)
         # With x = -d: e^x - 1 - x = x^2 * s2, s2 = 1/2 + x/6 + x^2/24 + ... (Horner, highest term first), so
@@ -114,9 +120,11 @@ def _kl_terms(logp, ref, KL_TYPE: tl.constexpr):
             small = tl.abs(d) < 0.05
         else:
             small = tl.abs(d) < 0.5
-        k3 = tl.where(small, d * d * s2, e + d - 1.0)
-        dk3 = tl.where(small, d * (1.0 + x * s2), 1.0 - e)
-        return k3, dk3
+        k = tl.where(small, d * d * s2, e + d - 1.0)
+        dk = tl.where(small, d * (1.0 + x * s2), 1.0 - e)
+    # A NaN estimate is kept (k != k), so that it shows in the loss.
+    keep = (tl.abs(k) <= kl_clamp) | (k != k)
+    return tl.where(keep, k, tl.where(k > 0, kl_clamp, -kl_clamp)), tl.where(keep, dk, 0.0)
 
 
 @triton.jit
@@ -129,6 +137,7 @@ def _degrpo_fwd_kernel(
     ref_ptr,
     ctrl_ptr,
     first_ptr,
+    tw_ptr,  # [B, T] token weights (when HAS_TOKEN_WEIGHTS)
     stats_ptr,  # fp64 [B * n_blocks, NUM_STATS], out
     # shapes
     T,
@@ -141,12 +150,15 @@ def _degrpo_fwd_kernel(
     stride_resp,
     stride_ref,
     stride_ctrl,
+    stride_tw,
     # options
     clip_low,
     clip_high,
+    kl_clamp,
     # meta-parameters
     HAS_REF: tl.constexpr,
     HAS_CONTROL_MASK: tl.constexpr,
+    HAS_TOKEN_WEIGHTS: tl.constexpr,
     KL_TYPE: tl.constexpr,
     NUM_STATS: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -166,17 +178,25 @@ def _degrpo_fwd_kernel(
     kl_sum = 0.0
     if HAS_REF:
         ref = tl.load(ref_ptr + row * stride_ref + t, mask=t < T, other=0.0).to(COMPUTE)
-        kl, _ = _kl_terms(logp, ref, KL_TYPE)
+        kl, _ = _kl_terms(logp, ref, kl_clamp, KL_TYPE)
         kl_sum = tl.sum(tl.where(resp, kl, 0.0))
 
     out = stats_ptr + (row * n_blocks + block) * NUM_STATS
-    tl.store(out + 0, tl.sum(tl.where(ctrl, token_loss, 0.0)))
-    tl.store(out + 1, tl.sum(tl.where(rest, token_loss, 0.0)))
+    control_sum = tl.sum(tl.where(ctrl, token_loss, 0.0))
+    response_sum = tl.sum(tl.where(rest, token_loss, 0.0))
+    tl.store(out + 0, control_sum)
+    tl.store(out + 1, response_sum)
     tl.store(out + 2, tl.sum(ctrl.to(tl.float32)))  # counts are exact in fp32 up to 2^24 per block
     tl.store(out + 3, tl.sum(rest.to(tl.float32)))
     tl.store(out + 4, tl.sum((resp & (clipped > unclipped)).to(tl.float32)))
     tl.store(out + 5, kl_sum)
     tl.store(out + 6, tl.sum(tl.where(resp, ratio, 0.0)))
+    if HAS_TOKEN_WEIGHTS:
+        tw = tl.load(tw_ptr + row * stride_tw + t, mask=t < T, other=0.0).to(COMPUTE)
+        control_sum = tl.sum(tl.where(ctrl, tw * token_loss, 0.0))
+        response_sum = tl.sum(tl.where(rest, tw * token_loss, 0.0))
+    tl.store(out + 7, control_sum)
+    tl.store(out + 8, response_sum)
 
 
 @triton.jit
@@ -190,7 +210,8 @@ def _degrpo_bwd_kernel(
     ref_ptr,
     ctrl_ptr,
     first_ptr,
-    weights_ptr,  # [3] in COMPUTE: dL/d(token loss) of a control token, of another response token, dL/d(kl)
+    tw_ptr,  # [B, T] token weights (when HAS_TOKEN_WEIGHTS)
+    weights_ptr,  # [4] in COMPUTE: see loss_weights
     # shapes
     T,
     # row strides (tokens are contiguous)
@@ -202,12 +223,15 @@ def _degrpo_bwd_kernel(
     stride_resp,
     stride_ref,
     stride_ctrl,
+    stride_tw,
     # options
     clip_low,
     clip_high,
+    kl_clamp,
     # meta-parameters
     HAS_KL: tl.constexpr,
     HAS_CONTROL_MASK: tl.constexpr,
+    HAS_TOKEN_WEIGHTS: tl.constexpr,
     KL_TYPE: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -222,12 +246,17 @@ def _degrpo_bwd_kernel(
     # clipped branch is constant in logp. Ties go to the unclipped side, as torch.maximum + clamp give in sum.
     dtoken = tl.where(clipped > unclipped, 0.0, -adv * ratio)
     w_control = tl.load(weights_ptr + 0)
-    w_response = tl.load(weights_ptr + 1)
-    grad = tl.where(ctrl, w_control * dtoken, tl.where(resp, w_response * dtoken, 0.0))
+    w_control_weighted = tl.load(weights_ptr + 1)
+    w_response = tl.load(weights_ptr + 2)
+    w = tl.where(ctrl, w_control_weighted, w_response)
+    if HAS_TOKEN_WEIGHTS:
+        w *= tl.load(tw_ptr + row * stride_tw + t, mask=t < T, other=0.0).to(COMPUTE)
+    w += tl.where(ctrl, w_control, 0.0)
+    grad = tl.where(resp, w * dtoken, 0.0)
     if HAS_KL:
         ref = tl.load(ref_ptr + row * stride_ref + t, mask=t < T, other=0.0).to(COMPUTE)
-        _, dkl = _kl_terms(logp, ref, KL_TYPE)
-        grad += tl.where(resp, tl.load(weights_ptr + 2) * dkl, 0.0)
+        _, dkl = _kl_terms(logp, ref, kl_clamp, KL_TYPE)
+        grad += tl.where(resp, tl.load(weights_ptr + 3) * dkl, 0.0)
     tl.store(dlogp_ptr + row * stride_dlogp + t, grad.to(dlogp_ptr.dtype.element_ty), mask=t < T)
 
 
@@ -240,7 +269,47 @@ class DeGRPOParams:
     clip_high: float = 0.2
     kl_coef: float = 0.0
     kl_type: str = "k3"
+    kl_clamp: float | None = None
     decoupled: bool = True
+    loss_agg: str = "token_mean"
+    loss_agg_norm: float | None = None
+
+    @property
+    def kl_bound(self) -> float:
+        """kl_clamp as the kernels take it: inf when off."""
+        return math.inf if self.kl_clamp is None else self.kl_clamp
+
+
+@dataclass(frozen=True)
+class Normalizers:
+    """The counts that divide the loss's terms, taken over a whole mini-batch (on every rank) before it is cut into
+    micro-batches: then the micro-batches' losses add up to the mini-batch's, whatever the cut.
+
+    control_tokens: the control tokens (one per sequence with a response);
+    response_tokens: all response tokens, control tokens included;
+    sequences: the sequences with a response.
+    """
+
+    control_tokens: float
+    response_tokens: float
+    sequences: float
+
+    @classmethod
+    def count(cls, response_mask: Tensor, control_mask: Tensor | None = None) -> Normalizers:
+        """The counts of a padded [B, T] batch (or a packed one with its control_mask)."""
+        response_mask = response_mask.bool()
+        control = reference.first_response_token_mask(response_mask) if control_mask is None else control_mask.bool()
+        n_control = int((control & response_mask).sum())
+        return cls(n_control, int(response_mask.sum()), n_control)
+
+    def __add__(self, other: Normalizers) -> Normalizers:
+        return Normalizers(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple(), strict=True)))
+
+    def as_tuple(self) -> tuple[float, float, float]:
+        return (self.control_tokens, self.response_tokens, self.sequences)
+
+
+NORMALIZER_NAMES = ("control_tokens", "response_tokens", "sequences")
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -252,7 +321,7 @@ def _as_u8(mask: Tensor) -> Tensor:
     return _rows(mask).view(torch.uint8)  # same item size, so a view at any stride
 
 
-def _token_args(logp, old_logp, advantages, response_mask, ref_logp, control_mask):
+def _token_args(logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights):
     """Views whose tokens are contiguous, and their row strides, in the order the kernels take them."""
     logp, old_logp = _rows(logp), _rows(old_logp)
     adv = advantages.contiguous() if advantages.dim() == 1 else _rows(advantages)
@@ -260,9 +329,12 @@ def _token_args(logp, old_logp, advantages, response_mask, ref_logp, control_mas
     resp = _as_u8(response_mask)
     ref = _rows(ref_logp) if ref_logp is not None else logp  # placeholder pointer when HAS_REF is off
     ctrl = _as_u8(control_mask) if control_mask is not None else resp
+    # Token weights in the compute dtype (fp32, or fp64 for fp64 log-probs): one variant per log-prob dtype.
+    compute = torch.float64 if logp.dtype == torch.float64 else torch.float32
+    tw = _rows(token_weights.to(compute)) if token_weights is not None else logp  # placeholder when off
     pointers = (logp, old_logp, adv, resp, ref, ctrl)
     strides = (logp.stride(0), old_logp.stride(0), *adv_strides, resp.stride(0), ref.stride(0), ctrl.stride(0))
-    return pointers, strides
+    return pointers, strides, tw
 
 
 def _compute_dtype(logp: Tensor):
@@ -280,17 +352,17 @@ def _first_response_triton(resp: Tensor) -> Tensor:
     return first
 
 
-def _forward_triton(tokens, strides, first, p: DeGRPOParams, flags: dict, has_ref: bool) -> Tensor:
-    """Seven batch totals, float64 [NUM_STATS] (see NUM_STATS for the order)."""
+def _forward_triton(tokens, strides, first, tw, p: DeGRPOParams, flags: dict, has_ref: bool) -> Tensor:
+    """Nine batch totals, float64 [NUM_STATS] (see NUM_STATS for the order)."""
     B, T = tokens[0].shape
     n_blocks = triton.cdiv(T, DEGRPO_LOSS.block)
     stats = torch.zeros(B * n_blocks, NUM_STATS, dtype=torch.float64, device=tokens[0].device)
     if B * T:
         _degrpo_fwd_kernel[(B, n_blocks)](
-            *tokens, first, stats,
+            *tokens, first, tw, stats,
             T, n_blocks,
-            *strides,
-            p.clip_low, p.clip_high,
+            *strides, tw.stride(0),
+            p.clip_low, p.clip_high, p.kl_bound,
             HAS_REF=has_ref,
             NUM_STATS=NUM_STATS,
             BLOCK=DEGRPO_LOSS.block,
@@ -300,16 +372,16 @@ def _forward_triton(tokens, strides, first, p: DeGRPOParams, flags: dict, has_re
     return stats.sum(0)
 
 
-def _backward_triton(tokens, strides, first, weights, p: DeGRPOParams, flags: dict, has_kl: bool) -> Tensor:
+def _backward_triton(tokens, strides, first, tw, weights, p: DeGRPOParams, flags: dict, has_kl: bool) -> Tensor:
     B, T = tokens[0].shape
     dlogp = torch.empty_like(tokens[0], memory_format=torch.contiguous_format)
     if B * T == 0:
         return dlogp
     _degrpo_bwd_kernel[(B, triton.cdiv(T, DEGRPO_LOSS.block))](
-        dlogp, *tokens, first, weights,
+        dlogp, *tokens, first, tw, weights,
         T,
-        dlogp.stride(0), *strides,
-        p.clip_low, p.clip_high,
+        dlogp.stride(0), *strides, tw.stride(0),
+        p.clip_low, p.clip_high, p.kl_bound,
         HAS_KL=has_kl,
         BLOCK=DEGRPO_LOSS.block,
         num_warps=DEGRPO_LOSS.num_warps,
@@ -318,26 +390,29 @@ def _backward_triton(tokens, strides, first, weights, p: DeGRPOParams, flags: di
     return dlogp
 
 
-def _loss_from_totals(totals: Tensor, p: DeGRPOParams) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss, the statistics in `reference.STAT_NAMES` order, and the backward weights, from the batch totals.
-
-    Every mean divides by max(count, 1): an empty mask contributes 0, never NaN.
-    """
-    control_sum, response_sum, n_control, n_response, n_clipped, kl_sum, ratio_sum = totals.unbind()
-    n_all = n_control + n_response
-    per_control, per_response, per_token = (1 / n.clamp(min=1) for n in (n_control, n_response, n_all))
-    weights = loss_weights(n_control, n_response, p)
-    w_control, w_response, w_kl = weights.unbind()
-    loss = w_control * control_sum + w_response * response_sum
+def _loss_from_totals(totals: Tensor, p: DeGRPOParams, counts: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss, the statistics in `reference.STAT_NAMES` order, and the backward weights, from the batch totals and
+    the normalisers `counts` ([3]: control tokens, response tokens, sequences; None: this batch's own)."""
+    control_sum, response_sum, n_control, n_rest, n_clipped, kl_sum, ratio_sum, w_control_sum, w_response_sum = (
+        totals.unbind()
+    )
+    n_all = n_control + n_rest
+    if counts is None:
+        counts = torch.stack((n_control, n_all, n_control))  # one control token per sequence
+    weights = loss_weights(*counts.to(totals.dtype).unbind(), p)
+    w_control, w_control_weighted, w_response, w_kl = weights.unbind()
+    loss = w_control * control_sum + w_control_weighted * w_control_sum + w_response * w_response_sum
     if p.kl_coef != 0.0:  # skipped when off, so an infinite estimate on a stray token cannot turn 0 * inf to NaN
         loss = loss + w_kl * kl_sum
+    N_control, N_response, _ = (n.clamp(min=1) for n in counts.to(totals.dtype).unbind())
+    N_rest = (counts[1] - counts[0]).to(totals.dtype).clamp(min=1)
     stats = torch.stack(
         (
-            control_sum * per_control,
-            response_sum * per_response,
-            n_clipped * per_token,
-            kl_sum * per_token,
-            ratio_sum * per_token,
+            control_sum / N_control,
+            response_sum / N_rest,
+            n_clipped / N_response,
+            kl_sum / N_response,
+            ratio_sum / N_response,
             n_control,
             n_all,
         )
@@ -345,37 +420,68 @@ def _loss_from_totals(totals: Tensor, p: DeGRPOParams) -> tuple[Tensor, Tensor, 
     return loss, stats, weights
 
 
-def loss_weights(n_control: Tensor, n_response: Tensor, p: DeGRPOParams) -> Tensor:
-    """[3]: dL/d(token loss) of a control token, of another response token, and dL/d(token KL).
+def loss_weights(n_control: Tensor, n_response: Tensor, n_sequences: Tensor, p: DeGRPOParams) -> Tensor:
+    """[4]: dL/d(token loss) of a control token (plain, and times its token weight), of another response token
+    (times its token weight), and dL/d(token KL), from the normalisers.
 
-    The loss is a weighted sum of per-token terms whose weights depend only on token counts, which the masks give
-    before any log-prob is known; that is what lets the fused linear loss finish each chunk's gradient at once.
+    The loss is a weighted sum of per-token terms whose weights depend only on counts, which the masks give before
+    any log-prob is known; that is what lets the fused linear loss finish each chunk's gradient at once.
+    Without token weights a token's weight is 1 (seq_mean_token_mean passes 1/T_i).
     """
-    per_control, per_response, per_token = (1 / n.clamp(min=1) for n in (n_control, n_response, n_control + n_response))
+    per_control, per_response = 1 / n_control.clamp(min=1), 1 / n_response.clamp(min=1)
+    n_sequences = n_sequences.clamp(min=1)
+    if p.loss_agg == "token_mean":
+        divisor = (n_response - n_control).clamp(min=1) if p.decoupled else n_response.clamp(min=1)
+    elif p.loss_agg == "seq_mean_token_mean":
+        divisor = n_sequences
+    else:  # seq_mean_token_sum_norm
+        divisor = n_sequences * p.loss_agg_norm
+    zero = torch.zeros_like(per_control)
     if p.decoupled:
-        w_control, w_response = p.alpha * per_control, per_response
-    else:
-        w_control = w_response = per_token
-    return torch.stack((w_control, w_response, p.kl_coef * per_token))
+        w_control, w_control_weighted = p.alpha * per_control, zero
+    else:  # the control token is one response token among the others
+        w_control, w_control_weighted = zero, 1 / divisor
+    return torch.stack((w_control, w_control_weighted, 1 / divisor, p.kl_coef * per_response))
+
+
+def sequence_token_weights(response_mask: Tensor, *, decoupled: bool = True, control_mask: Tensor | None = None):
+    """seq_mean_token_mean's token weights of a padded [B, T] batch (one sequence per row): 1/T_i on the tokens of
+    the response term of row i (decoupled: its response tokens after the control token), 0 elsewhere. Computed on
+    the padded rows, then packed alongside the other per-token tensors, they carry each sequence's 1/T_i into a
+    packed row."""
+    response_mask = response_mask.bool()
+    control = reference.first_response_token_mask(response_mask) if control_mask is None else control_mask.bool()
+    term = response_mask & ~control if decoupled else response_mask
+    return term / term.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def _token_weights(p: DeGRPOParams, token_weights, response_mask, control) -> Tensor | None:
+    """The given token weights, or seq_mean_token_mean's 1/T_i from the rows (one sequence per row); None: 1."""
+    if token_weights is not None or p.loss_agg != "seq_mean_token_mean":
+        return token_weights
+    return sequence_token_weights(response_mask, decoupled=p.decoupled, control_mask=control)
 
 
 class DeGRPOLossFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels; only `logp` receives a gradient."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, response_mask, ref_logp, control_mask, params: DeGRPOParams):
+    def forward(ctx, logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights, counts, params):
         # The kernel views are made once here and saved, so the backward neither copies nor converts again.
-        tokens, strides = _token_args(logp, old_logp, advantages, response_mask, ref_logp, control_mask)
+        tokens, strides, tw = _token_args(
+            logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights
+        )
         flags = dict(
             HAS_CONTROL_MASK=control_mask is not None,
+            HAS_TOKEN_WEIGHTS=token_weights is not None,
             KL_TYPE=KL_TYPES.index(params.kl_type) + 1,
             COMPUTE=_compute_dtype(logp),
         )
         resp = tokens[3]
         first = _first_response_triton(resp) if control_mask is None else resp  # placeholder with a control mask
-        totals = _forward_triton(tokens, strides, first, params, flags, has_ref=ref_logp is not None)
-        loss, stats, weights = _loss_from_totals(totals, params)
-        ctx.save_for_backward(*tokens, first, weights)
+        totals = _forward_triton(tokens, strides, first, tw, params, flags, has_ref=ref_logp is not None)
+        loss, stats, weights = _loss_from_totals(totals, params, counts)
+        ctx.save_for_backward(*tokens, first, tw, weights)
         ctx.strides, ctx.flags, ctx.params = strides, flags, params
         ctx.has_kl = ref_logp is not None and params.kl_coef != 0.0
         out_dtype = torch.promote_types(logp.dtype, torch.float32)
@@ -385,25 +491,28 @@ class DeGRPOLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        *tokens, first, weights = ctx.saved_tensors
+        *tokens, first, tw, weights = ctx.saved_tensors
         weights = (weights * grad_loss).to(torch.promote_types(tokens[0].dtype, torch.float32)).contiguous()
-        dlogp = _backward_triton(tokens, ctx.strides, first, weights, ctx.params, ctx.flags, ctx.has_kl)
-        return dlogp, None, None, None, None, None, None
+        dlogp = _backward_triton(tokens, ctx.strides, first, tw, weights, ctx.params, ctx.flags, ctx.has_kl)
+        return dlogp, None, None, None, None, None, None, None, None
 
 
 class DeGRPOLossNativeFunction(torch.autograd.Function):
     """Autograd wrapper of the native CPU ops (`torch.ops.thinkless.degrpo_*`); only `logp` receives a gradient."""
 
     @staticmethod
-    def forward(ctx, logp, old_logp, advantages, response_mask, ref_logp, control_mask, params: DeGRPOParams):
+    def forward(ctx, logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights, counts, params):
         # The ops take float32 or float64, one dtype for all, tokens contiguous within rows.
         compute = torch.float64 if logp.dtype == torch.float64 else torch.float32
         as_rows = lambda x: _rows(x.to(compute)) if x is not None else None
         tokens = (as_rows(logp), as_rows(old_logp), advantages.to(compute).contiguous(), _rows(response_mask))
         tokens += (as_rows(ref_logp), _rows(control_mask) if control_mask is not None else None)
+        tokens += (as_rows(token_weights),)
         kl_type = KL_TYPES.index(params.kl_type) + 1
-        totals = torch.ops.thinkless.degrpo_forward(*tokens, params.clip_low, params.clip_high, kl_type)
-        loss, stats, weights = _loss_from_totals(totals, params)
+        totals = torch.ops.thinkless.degrpo_forward(
+            *tokens, params.clip_low, params.clip_high, kl_type, params.kl_bound
+        )
+        loss, stats, weights = _loss_from_totals(totals, params, counts)
         ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in tokens), weights)
         ctx.present = tuple(x is not None for x in tokens)
         ctx.params, ctx.kl_type, ctx.logp_dtype = params, kl_type, logp.dtype
@@ -419,24 +528,27 @@ class DeGRPOLossNativeFunction(torch.autograd.Function):
         p = ctx.params
         has_kl = tokens[4] is not None and p.kl_coef != 0.0
         dlogp = torch.ops.thinkless.degrpo_backward(
-            *tokens, weights * grad_loss.to(weights.dtype), p.clip_low, p.clip_high, ctx.kl_type, has_kl
+            *tokens, weights * grad_loss.to(weights.dtype), p.clip_low, p.clip_high, ctx.kl_type, p.kl_bound, has_kl
         )
-        return dlogp.to(ctx.logp_dtype), None, None, None, None, None, None
+        return dlogp.to(ctx.logp_dtype), None, None, None, None, None, None, None, None
 
 
-def _check_inputs(logp, old_logp, advantages, response_mask, ref_logp, control_mask):
+def _check_inputs(logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights):
     logp = _checks.floating("logp", logp)
     if logp.dim() != 2:
         raise ValueError(f"logp must be 2-D [B, T], got shape {tuple(logp.shape)}")
     return (
         logp,
         *check_token_inputs(
-            logp.shape, logp.device, "logp", old_logp, advantages, response_mask, ref_logp, control_mask
+            logp.shape, logp.device, "logp", old_logp, advantages, response_mask, ref_logp, control_mask,
+            token_weights,
         ),
-    )
+    )  # fmt: skip
 
 
-def check_token_inputs(shape, device, like: str, old_logp, advantages, response_mask, ref_logp, control_mask):
+def check_token_inputs(
+    shape, device, like: str, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights=None
+):
     """The per-token constants of the loss, checked against the [B, T] shape and the device of `like`."""
     old_logp = _checks.floating("old_logp", old_logp)
     _checks.same_shape("old_logp", old_logp, shape, like)
@@ -454,24 +566,53 @@ def check_token_inputs(shape, device, like: str, old_logp, advantages, response_
     if control_mask is not None:
         control_mask = named["control_mask"] = _checks.mask("control_mask", control_mask)
         _checks.same_shape("control_mask", control_mask, shape, like)
+    if token_weights is not None:
+        token_weights = named["token_weights"] = _checks.floating("token_weights", token_weights).detach()
+        _checks.same_shape("token_weights", token_weights, shape, like)
     for name, value in named.items():
         _checks.same_device(name, value, device, like)
-    return old_logp, advantages, response_mask, ref_logp, control_mask
+    return old_logp, advantages, response_mask, ref_logp, control_mask, token_weights
 
 
-def make_params(alpha, clip_low, clip_high, kl_coef, kl_type, decoupled, has_ref: bool) -> DeGRPOParams:
-    """The checked options of the loss; kl_coef > 0 needs reference log-probs."""
+def make_params(
+    alpha, clip_low, clip_high, kl_coef, kl_type, decoupled, has_ref: bool, *, kl_clamp=None, loss_agg="token_mean",
+    loss_agg_norm=None,
+) -> DeGRPOParams:  # fmt: skip
+    """The checked options of the loss; kl_coef > 0 needs reference log-probs, seq_mean_token_sum_norm a norm."""
     params = DeGRPOParams(
         alpha=_checks.number("alpha", alpha, low=0.0),
         clip_low=_checks.number("clip_low", clip_low, low=0.0),
         clip_high=_checks.number("clip_high", clip_high, low=0.0),
         kl_coef=_checks.number("kl_coef", kl_coef, low=0.0),
         kl_type=_checks.choice("kl_type", kl_type, KL_TYPES),
+        kl_clamp=None if kl_clamp is None else _checks.number("kl_clamp", kl_clamp, low=0.0),
         decoupled=bool(decoupled),
+        loss_agg=_checks.choice("loss_agg", loss_agg, LOSS_AGGS),
+        loss_agg_norm=None if loss_agg_norm is None else _checks.number("loss_agg_norm", loss_agg_norm),
     )
     if params.kl_coef > 0 and not has_ref:
         raise ValueError("ref_logp is required when kl_coef > 0 (the KL term compares against the reference)")
+    if params.loss_agg == "seq_mean_token_sum_norm" and not (params.loss_agg_norm or 0) > 0:
+        raise ValueError(f"loss_agg='seq_mean_token_sum_norm' needs loss_agg_norm > 0 (tokens), got {loss_agg_norm!r}")
     return params
+
+
+def check_normalizers(normalizers, device: torch.device) -> Tensor | None:
+    """float64 [3] (control tokens, response tokens, sequences) from a `Normalizers`, a mapping or None."""
+    if normalizers is None:
+        return None
+    names = NORMALIZER_NAMES
+    try:
+        values = [reference._normalizer(normalizers, name) for name in names]
+    except (KeyError, AttributeError):
+        raise ValueError(
+            f"normalizers must be a Normalizers or a mapping with {', '.join(names)}; got {normalizers!r}"
+        ) from None
+    values = [float(v) if isinstance(v, Tensor) else v for v in values]
+    counts = [_checks.number(f"normalizers.{name}", v, low=0.0) for name, v in zip(names, values, strict=True)]
+    if counts[0] > counts[1]:
+        raise ValueError(f"normalizers: control_tokens ({counts[0]:g}) cannot exceed response_tokens ({counts[1]:g})")
+    return torch.tensor(counts, dtype=torch.float64, device=device)
 
 
 def degrpo_loss(
@@ -487,7 +628,12 @@ def degrpo_loss(
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
     kl_type: str = "k3",
+    kl_clamp: float | None = None,
     decoupled: bool = True,
+    loss_agg: str = "token_mean",
+    loss_agg_norm: float | None = None,
+    normalizers: Normalizers | dict | None = None,
+    token_weights: Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The DeGRPO policy loss (Thinkless) on the log-probs of the sampled tokens.
@@ -502,24 +648,41 @@ def degrpo_loss(
         alpha: weight of the control-token loss (the paper uses 1e-3).
         clip_low, clip_high: PPO clip range [1 - clip_low, 1 + clip_high] of the ratio exp(logp - old_logp).
         kl_coef, kl_type: weight and estimator ("k1", "k2", "k3") of the KL term against the reference.
-        decoupled: True for DeGRPO; False for vanilla GRPO (one token-mean over the whole response).
+        kl_clamp: clamp each token's KL estimate to [-kl_clamp, kl_clamp] (the authors' low_var_kl: 10); None: off.
+        decoupled: True for DeGRPO; False for vanilla GRPO (the control token is one response token).
+        loss_agg: the response term's aggregation: "token_mean", "seq_mean_token_mean" (per-sequence 1/T_i) or
+            "seq_mean_token_sum_norm" (Dr. GRPO: sequence sums / (sequences x loss_agg_norm)).
+        loss_agg_norm: the constant token count of seq_mean_token_sum_norm.
+        normalizers: `Normalizers` (control_tokens, response_tokens, sequences) counted over the whole
+            mini-batch, so that micro-batch losses add up to its loss; default: counted from these inputs.
+        token_weights: float [B, T], each token's weight in the response term; default 1, and for
+            seq_mean_token_mean 1/T_i of its row (pass it for packed rows, where a row holds several sequences).
         backend: "triton", "cpp" or "torch"; default from the device (or THINKLESS_BACKEND).
 
     Returns:
         (loss, metrics): a scalar, float32 (float64 for float64 log-probs), and a dict of detached scalars:
-        control_loss, response_loss, clip_frac, kl, ratio_mean, control_tokens, response_tokens.
+        control_loss, response_loss, clip_frac, kl, ratio_mean (each divided by the normalisers, so that they too
+        add up over micro-batches), control_tokens, response_tokens (the counts of these inputs).
     """
-    logp, old_logp, advantages, response_mask, ref_logp, control_mask = _check_inputs(
-        logp, old_logp, advantages, response_mask, ref_logp, control_mask
+    logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights = _check_inputs(
+        logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights
     )
-    params = make_params(alpha, clip_low, clip_high, kl_coef, kl_type, decoupled, ref_logp is not None)
+    params = make_params(
+        alpha, clip_low, clip_high, kl_coef, kl_type, decoupled, ref_logp is not None, kl_clamp=kl_clamp,
+        loss_agg=loss_agg, loss_agg_norm=loss_agg_norm,
+    )  # fmt: skip
+    counts = check_normalizers(normalizers, logp.device)
     name = select_backend(logp.device, backend)
     if name in ("triton", "cpp"):
+        control = reference.first_response_token_mask(response_mask) if control_mask is None else control_mask
+        token_weights = _token_weights(params, token_weights, response_mask, control & response_mask)
         # Only logp is differentiated; the rest are constants of the step, exactly as in the reference.
         old_logp, advantages = old_logp.detach(), advantages.detach()
         ref_logp = ref_logp.detach() if ref_logp is not None else None
         function = DeGRPOLossFunction if name == "triton" else DeGRPOLossNativeFunction
-        loss, stats = function.apply(logp, old_logp, advantages, response_mask, ref_logp, control_mask, params)
+        loss, stats = function.apply(
+            logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights, counts, params
+        )
         return loss, dict(zip(reference.STAT_NAMES, stats.unbind(), strict=True))
     return reference.degrpo_loss(
         logp,
@@ -528,5 +691,7 @@ def degrpo_loss(
         response_mask,
         ref_logp=ref_logp,
         control_mask=control_mask,
+        normalizers=None if counts is None else dict(zip(NORMALIZER_NAMES, counts, strict=True)),
+        token_weights=token_weights,
         **vars(params),
     )

@@ -39,7 +39,15 @@ from thinkless.kernels._fused_linear_loop import (
     chunk_rows,
 )
 from thinkless.kernels._triton_utils import tl, triton
-from thinkless.kernels.degrpo_loss import check_token_inputs, degrpo_loss, loss_weights, make_params
+from thinkless.kernels.degrpo_loss import (
+    Normalizers,
+    _token_weights,
+    check_normalizers,
+    check_token_inputs,
+    degrpo_loss,
+    loss_weights,
+    make_params,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Row kernels: Triton (CUDA) and the native extension (CPU); the chunk loop is in _fused_linear_loop.py
@@ -102,24 +110,31 @@ def _row_grad_kernel(
     target_ptr,  # int64 [C]
     lse_ptr,  # COMPUTE [C]
     grad_ptr,  # COMPUTE [C]: dL/dlogp / temperature
+    entropy_ptr,  # COMPUTE [C]: the row's entropy (when HAS_ENTROPY_GRAD)
+    entropy_grad_ptr,  # COMPUTE [C]: dL/d(entropy) / temperature (when HAS_ENTROPY_GRAD)
     V,
     stride_row,
     inv_temp_hi,
     inv_temp_lo,
+    HAS_ENTROPY_GRAD: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """dz = g * (onehot(target) - softmax(z / tau)) over a [row, vocab block] grid: the logsumexp is known, so every
-    block is independent."""
+    """dz = g * (onehot(target) - softmax(x)), x = z / tau, over a [row, vocab block] grid: the logsumexp is known,
+    so every block is independent. The entropy bonus adds gamma * dH/dx = -gamma * p * (x - lse + H)."""
     row = tl.program_id(0).to(tl.int64)
     v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     base = logits_ptr + row * stride_row
     one = tl.full((), 1.0, COMPUTE)  # the halves go up to COMPUTE before they are added
     inv_temp = inv_temp_hi * one + inv_temp_lo * one
     x = tl.load(base + v, mask=v < V, other=0.0).to(COMPUTE) * inv_temp
-    p = tl.exp(x - tl.load(lse_ptr + row))
+    lse = tl.load(lse_ptr + row)
+    p = tl.exp(x - lse)
     g = tl.load(grad_ptr + row)
     dz = g * (tl.where(v == tl.load(target_ptr + row), 1.0, 0.0) - p)
+    if HAS_ENTROPY_GRAD:
+        gamma = tl.load(entropy_grad_ptr + row)
+        dz -= gamma * p * (x - lse + tl.load(entropy_ptr + row))
     tl.store(base + v, dz.to(logits_ptr.dtype.element_ty), mask=v < V)
 
 
@@ -145,11 +160,13 @@ def _row_stats_triton(z: Tensor, targets: Tensor, inv_temp: float, want_entropy:
     return lse, logp, entropy
 
 
-def _row_grad_triton(z: Tensor, targets: Tensor, lse: Tensor, g: Tensor, inv_temp: float) -> None:
+def _row_grad_triton(z: Tensor, targets: Tensor, lse: Tensor, g: Tensor, inv_temp: float, entropy, gamma) -> None:
     n, V = z.shape
+    has_entropy_grad = gamma is not None
     _row_grad_kernel[(n, triton.cdiv(V, ROW_GRAD.block))](
-        z, targets, lse, g,
+        z, targets, lse, g, entropy if has_entropy_grad else lse, gamma if has_entropy_grad else lse,
         V, z.stride(0), *_split_scalar(inv_temp),
+        HAS_ENTROPY_GRAD=has_entropy_grad,
         COMPUTE=_triton_dtype(lse.dtype),
         BLOCK_V=ROW_GRAD.block,
         num_warps=ROW_GRAD.num_warps,
@@ -164,8 +181,8 @@ def _native_stats(z, targets, inv_temp, want_entropy):
     return torch.ops.thinkless.row_stats(z, targets, inv_temp, want_entropy)
 
 
-def _native_grad_(z, targets, lse, g, inv_temp):
-    torch.ops.thinkless.row_grad_(z, targets, lse, g.contiguous(), inv_temp)
+def _native_grad_(z, targets, lse, g, inv_temp, entropy, gamma):
+    torch.ops.thinkless.row_grad_(z, targets, lse, g.contiguous(), inv_temp, entropy, gamma)
 
 
 _ROW_OPS = {
@@ -336,14 +353,21 @@ def fused_linear_degrpo_loss(
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
     kl_type: str = "k3",
+    kl_clamp: float | None = None,
     decoupled: bool = True,
+    loss_agg: str = "token_mean",
+    loss_agg_norm: float | None = None,
+    entropy_coef: float = 0.0,
+    normalizers: Normalizers | dict | None = None,
+    token_weights: Tensor | None = None,
     chunk_size: int | None = None,
     backend: str | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The DeGRPO loss on logp = log_softmax((hidden @ weight^T + bias) / temperature)[target_ids], fused.
 
-    Exactly `degrpo_loss` (same options, same metrics) on those log-probs, with gradients for hidden, weight and
-    bias, in one pass of 6·N·H·V FLOPs and one [chunk_size, V] buffer instead of the [B·T, V] logits.
+    Exactly `degrpo_loss` (same options, same metrics) on those log-probs, minus entropy_coef x the token-mean
+    entropy of the response tokens, with gradients for hidden, weight and bias, in one pass of 6·N·H·V FLOPs and
+    one [chunk_size, V] buffer instead of the [B·T, V] logits.
 
     Args:
         hidden: [B, T, H] last hidden states at the positions that predict target_ids.
@@ -351,15 +375,17 @@ def fused_linear_degrpo_loss(
         bias: optional [V].
         target_ids: integer [B, T], the sampled tokens; ids outside [0, V) are allowed only off the response mask.
         old_logp, advantages, response_mask, ref_logp, control_mask, alpha, clip_low, clip_high, kl_coef,
-            kl_type, decoupled: as in `degrpo_loss`.
+            kl_type, kl_clamp, decoupled, loss_agg, loss_agg_norm, normalizers, token_weights: as in `degrpo_loss`.
+        entropy_coef: the entropy bonus (the authors' entropy_coeff, 1e-3): the loss subtracts entropy_coef x the
+            entropy summed over response tokens / the normalizers' response_tokens.
         temperature: the sampling temperature; logits are divided by it.
         chunk_size: rows per chunk; default from a memory budget (48 MiB of logits on CPU, 512 MiB on CUDA).
         backend: "triton", "cpp" or "torch" for the row work; default from the device (or THINKLESS_BACKEND).
 
     Returns:
-        (loss, metrics): the `degrpo_loss` metrics plus "entropy", the mean entropy over response tokens, and
-        "logp", the detached log-probs [B, T] (float32; float64 for float64 inputs; 0 where a target is outside
-        the vocabulary off the response mask).
+        (loss, metrics): the `degrpo_loss` metrics plus "entropy", the response tokens' entropy over the same
+        normaliser, and "logp", the detached log-probs [B, T] (float32; float64 for float64 inputs; 0 where a
+        target is outside the vocabulary off the response mask).
     """
     hidden, weight, bias, target_ids, temperature = _check_linear(
         hidden, weight, bias, target_ids, temperature, chunk_size
@@ -368,19 +394,30 @@ def fused_linear_degrpo_loss(
         raise ValueError(f"hidden must be 3-D [B, T, H], got shape {tuple(hidden.shape)}")
     B, T, H = hidden.shape
     V = weight.shape[0]
-    old_logp, advantages, response_mask, ref_logp, control_mask = check_token_inputs(
-        (B, T), hidden.device, "target_ids", old_logp, advantages, response_mask, ref_logp, control_mask
-    )
-    params = make_params(alpha, clip_low, clip_high, kl_coef, kl_type, decoupled, ref_logp is not None)
+    old_logp, advantages, response_mask, ref_logp, control_mask, token_weights = check_token_inputs(
+        (B, T), hidden.device, "target_ids", old_logp, advantages, response_mask, ref_logp, control_mask,
+        token_weights,
+    )  # fmt: skip
+    params = make_params(
+        alpha, clip_low, clip_high, kl_coef, kl_type, decoupled, ref_logp is not None, kl_clamp=kl_clamp,
+        loss_agg=loss_agg, loss_agg_norm=loss_agg_norm,
+    )  # fmt: skip
+    entropy_coef = _checks.number("entropy_coef", entropy_coef)
+    counts = check_normalizers(normalizers, hidden.device)
     _check_targets(target_ids, V, response_mask)
     rows = _row_backend(hidden.device, backend)
     compute = _compute_dtype_of(hidden.dtype)
 
-    # Per-token constants, flat, and the loss weights from the counts.
-    resp = response_mask.reshape(-1)
+    # Per-token constants, flat, and the loss weights from the normalisers.
     first = reference.first_response_token_mask(response_mask)
-    ctrl = (first if control_mask is None else control_mask & response_mask).reshape(-1)
-    weights = loss_weights(ctrl.sum().to(compute), (resp & ~ctrl).sum().to(compute), params)
+    control = first if control_mask is None else control_mask & response_mask
+    tw = _token_weights(params, token_weights, response_mask, control)
+    resp, ctrl = response_mask.reshape(-1), control.reshape(-1)
+    n_control, n_response = ctrl.sum().to(compute), resp.sum().to(compute)
+    if counts is None:
+        counts = torch.stack((n_control, n_response, n_control))
+    counts = counts.to(compute)
+    weights = loss_weights(*counts.unbind(), params)
     adv = advantages[:, None].expand(B, T) if advantages.dim() == 1 else advantages
 
     flat = lambda pick, x: pick(x.reshape(-1)).to(compute).contiguous()
@@ -390,8 +427,10 @@ def fused_linear_degrpo_loss(
         resp=pick(resp).contiguous(),
         ctrl=pick(ctrl).contiguous(),
         ref=flat(pick, ref_logp) if ref_logp is not None else None,
+        tw=flat(pick, tw) if tw is not None else None,
         weights=weights,
         params=params,
+        entropy_weight=-entropy_coef / float(counts[1].clamp(min=1)),
     )
     carrier, logp, entropy = _fused_pass(
         hidden, weight, bias, target_ids, response_mask, make_tokens, temperature, chunk_size, rows
@@ -399,9 +438,12 @@ def fused_linear_degrpo_loss(
     with torch.no_grad():
         loss, metrics = degrpo_loss(
             logp, old_logp, advantages, response_mask, ref_logp=ref_logp, control_mask=control_mask,
-            backend=backend, **vars(params),
+            normalizers=normalizers, token_weights=token_weights, backend=backend, **vars(params),
         )  # fmt: skip
-        metrics["entropy"] = _masked_mean(entropy, response_mask)
+        mean_entropy = torch.where(response_mask, entropy, 0.0).sum() / counts[1].clamp(min=1)
+        metrics["entropy"] = mean_entropy.to(entropy.dtype)
+        if entropy_coef != 0.0:
+            loss = loss - entropy_coef * metrics["entropy"]
     metrics["logp"] = logp
     return (loss if carrier is None else loss + carrier), metrics
 

@@ -53,32 +53,45 @@ def first_response_token_mask(response_mask: Tensor) -> Tensor:
     return response_mask & (response_mask.long().cumsum(dim=1) == 1)
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_type: str) -> Tensor:
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_type: str, clamp: float | None = None) -> Tensor:
     """Per-token KL estimator between the policy and the reference (Schulman, "Approximating KL divergence").
 
-    k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1 (verl's `low_var_kl`,
-    without its clamp). k3 is evaluated in float64: at the small log-ratios of real training (|d| ~ 1e-2) its
-    three O(1) terms cancel to ~d^2/2, and float32 would keep only a few correct digits.
+    k1 = logp - ref; k2 = (logp - ref)^2 / 2; k3 = exp(ref - logp) - (ref - logp) - 1 (verl's `low_var_kl`).
+    k3 is evaluated in float64: at the small log-ratios of real training (|d| ~ 1e-2) its three O(1) terms cancel
+    to ~d^2/2, and float32 would keep only a few correct digits. `clamp` bounds the estimate to [-clamp, clamp]
+    (gradient 0 outside), as the authors' `kl_penalty` does for low_var_kl with 10
+    (VainF/Thinkless `verl/verl/trainer/ppo/core_algos.py`, `torch.clamp(kld, min=-10, max=10)`).
     """
     log_ratio = logp - ref_logp
     if kl_type == "k1":
-        return log_ratio
-    if kl_type == "k2":
-        return 0.5 * log_ratio**2
-    if kl_type == "k3":
+        k = log_ratio
+    elif kl_type == "k2":
+        k = 0.5 * log_ratio**2
+    elif kl_type == "k3":
         d = log_ratio.double()
-        return (torch.exp(-d) + d - 1).to(log_ratio.dtype)
-    raise ValueError(f"kl_type must be one of 'k1', 'k2', 'k3', got {kl_type!r}")
+        k = (torch.exp(-d) + d - 1).to(log_ratio.dtype)
+    else:
+        raise ValueError(f"kl_type must be one of 'k1', 'k2', 'k3', got {kl_type!r}")
+    return k if clamp is None else torch.clamp(k, -clamp, clamp)
 
 
 # The order of the statistics that every backend returns next to the loss.
 STAT_NAMES = ("control_loss", "response_loss", "clip_frac", "kl", "ratio_mean", "control_tokens", "response_tokens")
 
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 
-def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    # verl's masked_mean divides by (count + 1e-8); max(count, 1) is exact for non-empty masks and gives 0 for an
-    # empty one while keeping the graph, so a rank with no response tokens still joins the backward.
-    return torch.where(mask, x, torch.zeros_like(x)).sum() / mask.sum().clamp(min=1)
+
+def _masked_sum(x: Tensor, mask: Tensor) -> Tensor:
+    # A select, not a product: padding may hold -inf, and 0 * inf is NaN. Means divide by max(count, 1), not
+    # verl's (count + 1e-8): exact for non-empty masks, 0 for an empty one, and the graph is kept, so a rank with
+    # no response tokens still joins the backward.
+    return torch.where(mask, x, torch.zeros_like(x)).sum()
+
+
+def _per_row_weights(tokens: Tensor) -> Tensor:
+    """1 / T_i on the tokens of row i (T_i = the row's count), 0 elsewhere: seq_mean_token_mean's inner mean."""
+    count = tokens.sum(dim=1, keepdim=True).to(torch.float64)
+    return torch.where(tokens, 1.0 / count.clamp(min=1), torch.zeros((), dtype=torch.float64, device=tokens.device))
 
 
 def degrpo_loss(
@@ -94,11 +107,42 @@ def degrpo_loss(
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
     kl_type: str = "k3",
+    kl_clamp: float | None = None,
     decoupled: bool = True,
+    loss_agg: str = "token_mean",
+    loss_agg_norm: float | None = None,
+    normalizers=None,
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The DeGRPO objective on per-token log-probs [B,T]; `compute_policy_loss` in the original code.
 
     Only `logp` receives a gradient; old, reference log-probs and advantages are constants of the step.
+
+    The counts that divide each term come from `normalizers` (control_tokens, response_tokens, sequences), counted
+    over the whole mini-batch before it was cut into micro-batches, so that the sum of the micro-batches' losses is
+    the mini-batch's loss whatever the cut; without them, from these inputs. With C the control tokens (each
+    sequence's first response token), R the response tokens after them, L_t the clipped PPO token loss:
+
+        decoupled (DeGRPO)    alpha * sum_C L / N_C  +  response term over R
+        not decoupled (GRPO)                            response term over C and R
+
+        loss_agg                 response term                       the authors' code
+        token_mean               sum L / N                           `verl_F.masked_mean(token_loss, resp_mask)`
+        seq_mean_token_mean      1/S sum_i 1/T_i sum_{t in i} L      the paper's objective (1/G sum_i 1/|o_i|)
+        seq_mean_token_sum_norm  sum L / (S * loss_agg_norm)         Dr. GRPO's constant (not in their code)
+
+    N is the count of the term's tokens (N_R = response_tokens - control_tokens decoupled, response_tokens
+    otherwise), S the sequences and T_i the term's tokens in sequence i. `token_weights` [B, T] replaces 1/T_i
+    (packed rows, where a row holds several sequences) and multiplies L in the other modes. KL is the token-mean
+    over all response tokens (`masked_mean(kld, response_mask)`), as the authors' actor adds it.
+
+    Where the authors differ: they normalise each micro-batch on its own (`compute_policy_loss` per micro-batch,
+    then `loss / self.gradient_accumulation` in `verl/verl/workers/actor/dp_actor.py`, update_policy). With fixed
+    micro-batches that is a sequence-weighted mean of per-micro-batch means; in their run (`use_dynamic_bsz`,
+    token-budget micro-batches, and gradient_accumulation = ppo_mini_batch_size // ppo_micro_batch_size = 1 after
+    fsdp_workers.py scales both by rollout.n / world) it is the *sum* of the micro-batch means, so the step grows
+    with the number of micro-batches. With normalizers the same formulas are taken over the mini-batch instead,
+    so that neither `algo.micro_batch_size`, the token budget nor the number of ranks can change the update.
     """
     dtype = torch.promote_types(logp.dtype, torch.float32)
     response_mask = response_mask.bool()
@@ -122,32 +166,61 @@ def degrpo_loss(
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
     token_loss = torch.maximum(unclipped, clipped)
 
-    control_loss = _masked_mean(token_loss, control)
-    response_loss = _masked_mean(token_loss, rest)
+    def count(name: str, local: Tensor) -> Tensor:
+        value = local if normalizers is None else _normalizer(normalizers, name)
+        return torch.as_tensor(value, dtype=dtype, device=logp.device)
+
+    # Every divisor is at least 1: an empty term contributes 0, never NaN.
+    n_control_raw = count("control_tokens", control.sum())
+    n_response_raw = count("response_tokens", response_mask.sum())
+    n_rest = (n_response_raw - n_control_raw).clamp(min=1)
+    n_control, n_response = n_control_raw.clamp(min=1), n_response_raw.clamp(min=1)
+    n_sequences = count("sequences", control.sum()).clamp(min=1)  # default: one control token per sequence
+    term = rest if decoupled else response_mask
+    if loss_agg == "token_mean":
+        divisor = n_rest if decoupled else n_response
+        weights = torch.ones_like(token_loss)
+    elif loss_agg == "seq_mean_token_mean":
+        divisor = n_sequences
+        weights = _per_row_weights(term).to(dtype)
+    elif loss_agg == "seq_mean_token_sum_norm":
+        divisor = n_sequences * float(loss_agg_norm)
+        weights = torch.ones_like(token_loss)
+    else:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+    if token_weights is not None:
+        weights = response_only(token_weights.detach())
+    response_term = _masked_sum(weights * token_loss, term) / divisor
+    control_loss = _masked_sum(token_loss, control) / n_control
     if decoupled:
         # DeGRPO, the paper's decoupled objective (`pg_loss = thinkless_alpha * cond_loss + resp_loss`): the control
         # token is normalised on its own, so a 10k-token answer no longer outweighs the token that picks the mode.
-        loss = alpha * control_loss + response_loss
+        loss = alpha * control_loss + response_term
     else:
-        # Vanilla GRPO: one token-mean over the whole response, control token included.
-        loss = _masked_mean(token_loss, response_mask)
+        loss = response_term  # vanilla GRPO: the control token is one response token among the others
 
     kl = torch.zeros((), dtype=dtype, device=logp.device)
     if ref_logp is not None:
-        kl = _masked_mean(kl_penalty(logp, response_only(ref_logp.detach()), kl_type), response_mask)
+        estimate = kl_penalty(logp, response_only(ref_logp.detach()), kl_type, kl_clamp)
+        kl = _masked_sum(estimate, response_mask) / n_response
     if kl_coef != 0.0:
         loss = loss + kl_coef * kl
 
     metrics = {
         "control_loss": control_loss,
-        "response_loss": response_loss,
-        "clip_frac": _masked_mean((clipped > unclipped).to(dtype), response_mask),
+        "response_loss": _masked_sum(token_loss, rest) / n_rest,
+        "clip_frac": _masked_sum((clipped > unclipped).to(dtype), response_mask) / n_response,
         "kl": kl,
-        "ratio_mean": _masked_mean(ratio, response_mask),
+        "ratio_mean": _masked_sum(ratio, response_mask) / n_response,
         "control_tokens": control.sum().to(dtype),
         "response_tokens": response_mask.sum().to(dtype),
     }
     return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+def _normalizer(normalizers, name: str):
+    """A count from a `Normalizers`, a mapping or any object with the three attributes."""
+    return normalizers[name] if isinstance(normalizers, dict) else getattr(normalizers, name)
 
 
 def token_logprobs(
@@ -178,14 +251,23 @@ def fused_linear_degrpo_loss(
     *,
     bias: Tensor | None = None,
     temperature: float = 1.0,
+    entropy_coef: float = 0.0,
     **options,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`degrpo_loss` on logp = log_softmax(hidden @ weight^T / temperature)[target], through the full logits.
 
-    The metrics add the mean entropy over response tokens and the detached log-probs [B, T].
+    The entropy bonus subtracts entropy_coef x the token-mean entropy of the response tokens (the authors'
+    `policy_loss = pg_loss - entropy_loss * entropy_coeff`, dp_actor.update_policy), over the normalizers'
+    response_tokens when given. The metrics add that mean entropy and the detached log-probs [B, T].
     """
     logp, entropy = token_logprobs(hidden, weight, target_ids, bias=bias, temperature=temperature)
     loss, metrics = degrpo_loss(logp, old_logp, advantages, response_mask, **options)
-    metrics["entropy"] = _masked_mean(entropy, response_mask.bool()).detach()
+    response_mask = response_mask.bool()
+    normalizers = options.get("normalizers")
+    n = response_mask.sum() if normalizers is None else _normalizer(normalizers, "response_tokens")
+    mean_entropy = _masked_sum(entropy, response_mask) / torch.as_tensor(n, dtype=entropy.dtype).clamp(min=1)
+    if entropy_coef != 0.0:
+        loss = loss - entropy_coef * mean_entropy
+    metrics["entropy"] = mean_entropy.detach()
     metrics["logp"] = logp.detach()
     return loss, metrics

@@ -1,6 +1,7 @@
 """`thinkless-train`: the command-line entry point.
 
     thinkless-train {sft,rl,eval,demo} [--config FILE.yaml] [key=value ...]
+    thinkless-train plot RUN_DIR         # think ratio, accuracy, length and reward per RL step, as PNGs
     thinkless-train                      # the demo: a tiny model learns when to think, on CPU, in minutes
 
 Settings are read and checked first (`thinkless.train.config`), then the data, then the model: a user mistake in
@@ -51,6 +52,7 @@ STAGES = {
     "eval": "accuracy, think ratio and response length on validation files",
     "demo": "the built-in CPU demo: warm-up, then DeGRPO, on a task with difficulty levels",
 }
+PLOT_HELP = "figures of an RL run from its metrics.jsonl: think ratio, accuracy and length per mode, reward"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with <short> or <think>, learned by warm-up SFT and then DeGRPO.",
     )
     parser.add_argument("--version", action="version", version=f"thinkless {__version__}")
-    sub = parser.add_subparsers(dest="stage", metavar="{" + ",".join(STAGES) + "}")
+    sub = parser.add_subparsers(dest="stage", metavar="{" + ",".join([*STAGES, "plot"]) + "}")
     from thinkless.demo.run import DEFAULTS as DEMO_DEFAULTS
 
     for name, help_text in STAGES.items():
@@ -74,7 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
         )
         stage.add_argument("--config", metavar="FILE.yaml", help="a YAML file of settings")
         stage.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. rollout.n=8")
+    # plot reads a finished (or running) run: a folder, not settings.
+    plot = sub.add_parser("plot", help=PLOT_HELP, description=PLOT_HELP + "; PNGs in RUN_DIR/plots/")
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="a run's trainer.output_dir (it holds metrics.jsonl)")
     return parser
+
+
+def _plot(run_dir: str) -> int:
+    from thinkless.train.plot import plot_run
+
+    try:
+        for path in plot_run(run_dir):
+            print(path)
+    except DataError as err:
+        print(f"thinkless-train plot: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before and after --config: argparse leaves the later ones over, and they join the rest.
     args, extra = parser.parse_known_args(argv)
     for item in extra:
-        if item.startswith("-") or args.stage is None:
+        if item.startswith("-") or args.stage in (None, "plot"):
             parser.error(f"unrecognized argument: {item}")
         args.overrides.append(item)
+    if args.stage == "plot":
+        return _plot(args.run_dir)
     if args.stage is None:  # a bare `thinkless-train` runs the demo
         args.stage, args.config, args.overrides = "demo", None, []
     try:

@@ -43,14 +43,24 @@ class ModelConfig:
 class DataConfig:
     train_files: list[str] = _key([], "json, jsonl or parquet files to train on")
     val_files: list[str] = _key([], "json, jsonl or parquet files to evaluate on, one report each")
-    problem_key: str = _key("problem", "column holding the problem text")
-    answer_key: str = _key("answer", "column holding the reference final answer (without \\boxed{})")
+    problem_key: str = _key("auto", "column holding the problem text; auto: problem, else question (GSM8K)")
+    answer_key: str = _key(
+        "auto", "column holding the reference answer; auto: answer, else solution (MATH: its last \\boxed{})"
+    )
+    answer_format: str = _key(
+        "auto",
+        "how the answer column holds the final answer: plain (as is), gsm8k (after the last ####, commas dropped), "
+        "boxed (the last \\boxed{}), auto (#### -> gsm8k, \\boxed -> boxed, else plain)",
+    )
+    filter_key: str = _key("", "keep only the rows whose value in this column is one of data.filter_values (e.g. type)")
+    filter_values: list[str] = _key([], "the values data.filter_key keeps, whole and case-insensitive (e.g. [Algebra])")
     response_key: str = _key("response", "SFT: column holding the target response, starting with its control token")
     messages_key: str = _key("messages", "SFT: column holding a chat [{role, content}, ...] instead")
     instruction: str = _key(INSTRUCTION, "the instruction added to every problem in the user turn")
     instruction_position: str = _key(
-        "after", "where the instruction goes: after (problem, space, instruction), before (instruction, newline, "
-        "problem: the authors' eval prompt) or none (the problem alone: the authors' RL prompt)"
+        "after",
+        "where the instruction goes: after (problem, space, instruction), before (instruction, newline, "
+        "problem: the authors' eval prompt) or none (the problem alone: the authors' RL prompt)",
     )
     tag_key: str = _key("", "RL: column that tags each problem (e.g. level); metrics are also reported per tag")
     max_prompt_tokens: int = _key(1024, "prompts longer than this are dropped (with a count in the log)")
@@ -76,11 +86,12 @@ class AlgoConfig:
     clip_high: float = _key(0.2, "PPO clip range: ratio <= 1 + clip_high")
     kl_coef: float = _key(0.0, "weight of the KL term to the reference model (loaded only when > 0)")
     kl_type: str = _key("k3", "KL estimator: k1, k2 or k3")
-    kl_clamp: float = _key(0.0, "clamp each token's KL estimate to [-kl_clamp, kl_clamp] (verl's low_var_kl: 10); 0: off")
+    kl_clamp: float = _key(0.0, "clamp each token's KL estimate to [-kl_clamp, kl_clamp] (low_var_kl: 10); 0: off")
     entropy_coef: float = _key(0.0, "entropy bonus: the loss subtracts entropy_coef x the token-mean entropy")
     loss_agg: str = _key(
-        "token_mean", "aggregation of the response term: token_mean, seq_mean_token_mean (per-sequence 1/T_i) or "
-        "seq_mean_token_sum_norm (Dr. GRPO: each sequence's sum / loss_agg_norm)"
+        "token_mean",
+        "aggregation of the response term: token_mean, seq_mean_token_mean (per-sequence 1/T_i) or "
+        "seq_mean_token_sum_norm (Dr. GRPO: each sequence's sum / loss_agg_norm)",
     )
     loss_agg_norm: int = _key(0, "seq_mean_token_sum_norm: the constant token count; 0: rollout.max_new_tokens")
     normalize_std: bool = _key(False, "divide advantages by the group std (GRPO); false: Dr. GRPO, as Thinkless")
@@ -127,11 +138,18 @@ class TrainerConfig:
 
 @dataclass
 class EvalConfig:
-    seeds: list[int] = _key([], "one pass over each file per seed (one sample per problem and seed), averaged "
-                                "with the spread across seeds; empty: one pass with trainer.seed")
+    seeds: list[int] = _key(
+        [],
+        "one pass over each file per seed (rollout.n samples per problem each; the authors: [0,1,2,3,4], n=1), "
+        "reported as the mean and std across seeds; empty: one pass with trainer.seed",
+    )
     count_prompt_tokens: bool = _key(False, "count tokens as prompt + response (the authors' table); else response")
-    force_mode: str = _key("", "short or think: the control token goes into the prompt, so that one mode is measured; "
-                               "empty: the model chooses")
+    limit: int = _key(0, "evaluate only the first N problems of each file (lm-eval's --limit); 0: all")
+    force_mode: str = _key(
+        "",
+        "short or think: the control token goes into the prompt, so that one mode is measured (in eval/<mode>/; "
+        "both measured give the oracle router); empty: the model chooses",
+    )
 
 
 @dataclass
@@ -295,6 +313,7 @@ def validate(config: Config) -> None:
         ("algo.kl_clamp", a.kl_clamp, 0), ("algo.entropy_coef", a.entropy_coef, 0),
         ("algo.loss_agg_norm", a.loss_agg_norm, 0),
         ("trainer.val_every", t.val_every, 0), ("trainer.val_n", t.val_n, 1),
+        ("eval.limit", config.eval.limit, 0),
         ("data.max_prompt_tokens", config.data.max_prompt_tokens, 1), ("data.max_length", config.data.max_length, 2),
         ("demo.levels", config.demo.levels, 1), ("demo.warmup_steps", config.demo.warmup_steps, 0),
         ("demo.warmup_batch_size", config.demo.warmup_batch_size, 1),
@@ -317,6 +336,7 @@ def validate(config: Config) -> None:
         "algo.kl_type": (a.kl_type, ("k1", "k2", "k3")),
         "algo.loss_agg": (a.loss_agg, ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")),
         "data.instruction_position": (config.data.instruction_position, ("after", "before", "none")),
+        "data.answer_format": (config.data.answer_format, ("auto", "plain", "gsm8k", "boxed")),
         "eval.force_mode": (config.eval.force_mode, ("", "short", "think")),
         "rollout.engine": (r.engine, ("hf", "vllm")),
         "algo.lr_scheduler": (a.lr_scheduler, ("constant", "cosine", "linear")),
@@ -329,6 +349,10 @@ def validate(config: Config) -> None:
     for name, (value, options) in choices.items():
         if value not in options:
             raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
+    if bool(config.data.filter_key) != bool(config.data.filter_values):
+        raise ConfigError(
+            "data.filter_key and data.filter_values go together, e.g. data.filter_key=type data.filter_values=[Algebra]"
+        )
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:<index>, got {t.device!r}")
 

@@ -4,6 +4,24 @@ RL and eval rows follow the DeepScaleR layout, `{"problem": ..., "answer": ...}`
 SFT rows are `{"problem": ..., "response": ...}` or a chat `{"messages": [{"role", "content"}, ...]}` whose last
 turn is the assistant's; every response opens with its control token, `<short>` or `<think>`.
 
+The usual benchmark layouts load as they are (`data.problem_key=auto`, `data.answer_key=auto`,
+`data.answer_format=auto`):
+
+    DeepScaleR, MATH-500, AIME  {"problem", "answer": "72"}                         the answer as it is
+    GSM8K                       {"question", "answer": "... #### 1,234"}            after the last ####: "1234"
+    MATH (hendrycks)            {"problem", "solution": "... \\boxed{72}.", "type"}  the last \\boxed{}: "72"
+
+`auto` keys take the first column a row has: problem, then question; answer, then solution. `auto` format reads
+the answer text: `####` means GSM8K, `\\boxed` (or `\\fbox`) a worked solution, anything else the answer itself
+(stripped); a solution that `auto` fell back to must hold one of the two markers (a whole solution is never a
+reference). A list of accepted answers (Minerva's) gives its first: the scorer takes one reference.
+`data.filter_key=type data.filter_values=[Algebra]` keeps the rows of one subset (MATH's Algebra is the paper's
+"Minerva Algebra"); values match whole and case-insensitively.
+
+The user turn is the problem and `data.instruction`, placed by `data.instruction_position`: `after` (problem,
+space, instruction), `before` (instruction, newline, problem: the authors' lm-eval prompt) or `none` (the problem
+alone: the authors' RL prompt, DeepScaleR's).
+
 A bad row stops the run before it starts, with the file, the row (counting from 0) and what is wrong.
 """
 
@@ -13,9 +31,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from thinkless.train.rewards import THINK, mode_of_text
+from thinkless.train.rewards import THINK, last_boxed, mode_of_text
 
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# The columns an `auto` key tries, in order: DeepScaleR / MATH first, then GSM8K's question, MATH's solution.
+AUTO_KEYS = {"problem_key": ("problem", "question"), "answer_key": ("answer", "solution")}
 
 
 class DataError(ValueError):
@@ -55,9 +75,79 @@ def _text(row: dict, key: str, where: str) -> str:
     value = row[key]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # numeric answers, e.g. 42
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = value[0]  # accepted answers (Minerva's); the first is the canonical one
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: {key!r} must be non-empty text, got {value!r}")
     return value
+
+
+def _column(row: dict, setting: str, key: str) -> str:
+    """The column `data.<setting>` names in this row: the key itself, or for `auto` the first of AUTO_KEYS present
+    (the first when none is: its error message then names the usual column)."""
+    if key != "auto":
+        return key
+    options = AUTO_KEYS[setting]
+    return next((k for k in options if row.get(k) is not None), options[0])
+
+
+def _field(row: dict, setting: str, key: str, where: str) -> tuple[str, str]:
+    """(column, text) of `data.<setting>` in this row; a missing column names what `auto` looked for."""
+    column = _column(row, setting, key)
+    try:
+        return column, _text(row, column, where)
+    except DataError as err:
+        if key == "auto" and row.get(column) is None:
+            options = " or ".join(repr(k) for k in AUTO_KEYS[setting])
+            raise DataError(f"{err}; data.{setting}=auto looks for {options}") from None
+        raise
+
+
+def final_answer(text: str, fmt: str, where: str, key: str, solution: bool = False) -> str:
+    """The reference final answer in `text` by `data.answer_format` (auto, plain, gsm8k, boxed).
+
+    gsm8k: after the last `####`, commas dropped (`#### 1,234` -> `1234`), as lm-eval's gsm8k target. boxed: the
+    content of the last \\boxed{} (braces balanced), as lm-eval's MATH tasks. auto picks by the text itself;
+    `solution` (`data.answer_key=auto` fell back to a solution column) requires one of the two markers."""
+    if fmt == "auto":
+        fmt = "gsm8k" if "####" in text else "boxed" if ("\\boxed" in text or "\\fbox" in text) else "plain"
+        if fmt == "plain" and solution:
+            raise DataError(f"{where}: {key!r} is a solution without a final answer (no \\boxed{{}} and no ####)")
+    if fmt == "gsm8k":
+        if "####" not in text:
+            raise DataError(f"{where}: {key!r} has no '#### <answer>' (data.answer_format=gsm8k)")
+        answer = text.rsplit("####", 1)[1].replace(",", "").strip()
+    elif fmt == "boxed":
+        answer = last_boxed(text)
+        if answer is None:
+            raise DataError(f"{where}: {key!r} has no complete \\boxed{{...}} (data.answer_format=boxed)")
+        answer = answer.strip()
+    else:
+        answer = text.strip()
+    if not answer:
+        raise DataError(f"{where}: {key!r} gives an empty final answer (data.answer_format={fmt})")
+    return answer
+
+
+def _kept(rows: list[dict], file: str, data) -> list[tuple[int, dict]]:
+    """(row index, row) of the rows `data.filter_key` / `data.filter_values` keep (all rows without a filter)."""
+    if not data.filter_key:
+        return list(enumerate(rows))
+    wanted = {v.strip().lower() for v in data.filter_values}
+    kept, seen = [], set()
+    for i, row in enumerate(rows):
+        value = row.get(data.filter_key)
+        if value is None:
+            raise DataError(f"{file}: row {i}: missing {data.filter_key!r} (data.filter_key)")
+        seen.add(str(value))
+        if str(value).strip().lower() in wanted:
+            kept.append((i, row))
+    if not kept:
+        found = ", ".join(sorted(seen)[:20]) or "no rows"
+        raise DataError(
+            f"{file}: no row has {data.filter_key} in {data.filter_values} (data.filter_values); the file has: {found}"
+        )
+    return kept
 
 
 def chat_prompt(tokenizer, messages: list[dict]) -> str:
@@ -76,8 +166,16 @@ def chat_prompt(tokenizer, messages: list[dict]) -> str:
     return prompt
 
 
-def user_turn(problem: str, instruction: str) -> list[dict]:
-    return [{"role": "user", "content": f"{problem.strip()} {instruction}".strip()}]
+def user_turn(problem: str, instruction: str, position: str = "after") -> list[dict]:
+    """The user's message (`data.instruction_position`): after keeps the trainer's first layout; before is the
+    authors' evaluation prompt, f"{instruction}\\n{problem}" exactly; none is their RL prompt, the problem alone."""
+    if position == "none" or not instruction:
+        content = problem if position != "after" else problem.strip()
+    elif position == "before":
+        content = f"{instruction}\n{problem}"
+    else:
+        content = f"{problem.strip()} {instruction}".strip()
+    return [{"role": "user", "content": content}]
 
 
 def _files(files: list[str], what: str) -> list[str]:
@@ -87,16 +185,19 @@ def _files(files: list[str], what: str) -> list[str]:
 
 
 def load_problems(files: list[str], tokenizer, config, what: str = "data.train_files") -> list[Example]:
-    """RL / eval examples from `config.data` (problem_key, answer_key, instruction)."""
+    """RL / eval examples from `config.data` (problem_key, answer_key, answer_format, filter, instruction)."""
     data = config.data
     files = _files(files, what)
     out = []
     for file in files:
-        for i, row in enumerate(read_rows(file)):
+        for i, row in _kept(read_rows(file), file, data):
             where = f"{file}: row {i}"
-            problem, answer = _text(row, data.problem_key, where), _text(row, data.answer_key, where)
+            _, problem = _field(row, "problem_key", data.problem_key, where)
+            column, text = _field(row, "answer_key", data.answer_key, where)
+            fallback = data.answer_key == "auto" and column != AUTO_KEYS["answer_key"][0]  # a whole solution
+            answer = final_answer(text, data.answer_format, where, column, solution=fallback)
             tag = _text(row, data.tag_key, where) if data.tag_key else ""
-            prompt = chat_prompt(tokenizer, user_turn(problem, data.instruction))
+            prompt = chat_prompt(tokenizer, user_turn(problem, data.instruction, data.instruction_position))
             out.append(Example(prompt=prompt, answer=answer, source=f"{file}:{i}", tag=tag))
     return out
 
@@ -106,7 +207,7 @@ def load_sft(files: list[str], tokenizer, config) -> list[Example]:
     data = config.data
     out = []
     for file in _files(files, "data.train_files"):
-        for i, row in enumerate(read_rows(file)):
+        for i, row in _kept(read_rows(file), file, data):
             where = f"{file}: row {i}"
             if row.get(data.messages_key) is not None:
                 messages = row[data.messages_key]
@@ -119,9 +220,9 @@ def load_sft(files: list[str], tokenizer, config) -> list[Example]:
                 response = _text(messages[-1], "content", f"{where}, last turn")
                 prompt = chat_prompt(tokenizer, messages[:-1])
             else:
-                problem = _text(row, data.problem_key, where)
+                _, problem = _field(row, "problem_key", data.problem_key, where)
                 response = _text(row, data.response_key, where)
-                prompt = chat_prompt(tokenizer, user_turn(problem, data.instruction))
+                prompt = chat_prompt(tokenizer, user_turn(problem, data.instruction, data.instruction_position))
             if mode_of_text(response) is None:
                 raise DataError(f"{where}: the response must open with <short> or <think>, got {response[:40]!r}...")
             out.append(Example(prompt=prompt, response=response.lstrip(), source=f"{file}:{i}"))

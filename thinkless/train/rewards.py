@@ -1,9 +1,25 @@
-"""Rewards of the Thinkless recipe: the mode from the first generated token, the answer from the last \\boxed{}.
+"""Rewards of the Thinkless recipe: the mode from the first generated token, the answer from the last \\boxed{} of
+the response's solution part.
 
-    correct <short>  rewards.correct_short (1.0)     the cheap mode, right: the best outcome
-    correct <think>  rewards.correct_think (0.5)     right, but it paid for a long chain of thought
-    wrong            rewards.wrong (-1.0)            either mode; also when there is no \\boxed{} answer
-    no control token rewards.format_error (-1.0)    the response does not open with <short> or <think>
+Where the answer is read from (`solution_text`), after the authors' RewardMathFn.__call__ in
+deepscaler/rewards/math_reward.py (VainF/Thinkless at aa225d2, lines 35-46):
+
+    mode     solution part                                            no solution part
+    <think>  the text after the first </think>, up to a second one    no </think> (cut off in its thinking)
+    <short>  the whole response                                       -
+    None     -                                                        always (no control token)
+
+A \\boxed{} inside the thinking never counts. The answer is the last \\boxed{} of the solution part. (For <short> the
+authors take the text after the first <short>, the same answer unless a second <short> follows it.)
+
+    correct <short>   rewards.correct_short (1.0)    the cheap mode, right: the best outcome
+    correct <think>   rewards.correct_think (0.5)    right, but it paid for a long chain of thought
+    wrong             rewards.wrong (-1.0)           a \\boxed{} answer in the solution part that is wrong, either mode
+    format error      rewards.format_error (-1.0)    no control token, a <think> response without </think>, or no
+                                                     \\boxed{} answer in the solution part
+
+The mode is the policy's first generated token (the `mode` argument of `score`), not a search of the text, so the
+response text may come with or without its leading <short>/<think>.
 
 Answers are compared with math-verify (`parse` + `verify`), which treats \\frac{1}{2} and 0.5, tuples, intervals
 and units the way graders do.
@@ -23,7 +39,7 @@ class Score:
     mode: str | None  # "short", "think", or None when the response has no control token
     correct: bool
     reward: float
-    answer: str | None  # the content of the last \boxed{}, if any
+    answer: str | None  # the last \boxed{} of the solution part; None when there is none (a format error)
 
 
 def last_boxed(text: str) -> str | None:
@@ -81,12 +97,31 @@ def mode_of_token(first_token: int, short_id: int, think_id: int) -> str | None:
     return "short" if first_token == short_id else "think" if first_token == think_id else None
 
 
+def solution_text(response: str, mode: str | None) -> str | None:
+    """The part of a response its answer is read from; None when there is none, a format error.
+
+    <think>: the text after </think> (no </think>: None); <short>: the whole response; no mode: None.
+    """
+    if mode == "short":
+        return response  # a stray </think> in a short answer changes nothing
+    if mode == "think":
+        if THINK_END not in response:
+            return None  # cut off while thinking: a \boxed{} there is not an answer
+        # Like the authors, the segment after the first </think> and before a second one, if any:
+        # `model_response.split(THOUGHT_DELIMITER_END)[1]`, deepscaler/rewards/math_reward.py line 37 (at aa225d2).
+        return response.split(THINK_END)[1]
+    return None
+
+
 def score(response: str, reference: str, mode: str | None, table) -> Score:
-    """The reward of one response; `table` has correct_short, correct_think, wrong, format_error (RewardsConfig)."""
-    answer = last_boxed(response)
-    if mode is None:
-        return Score(None, False, float(table.format_error), answer)
-    correct = answer is not None and check_answer(answer, reference)
-    if not correct:
+    """The reward of one response; `table` has correct_short, correct_think, wrong, format_error (RewardsConfig).
+
+    `mode` is the policy's first token ("short", "think" or None); `response` may include it or not.
+    """
+    solution = solution_text(response, mode)
+    answer = None if solution is None else last_boxed(solution)
+    if mode is None or answer is None:  # as the authors: no solution part, or no \boxed{} in it
+        return Score(mode, False, float(table.format_error), answer)
+    if not check_answer(answer, reference):
         return Score(mode, False, float(table.wrong), answer)
     return Score(mode, True, float(table.correct_short if mode == "short" else table.correct_think), answer)

@@ -7,8 +7,9 @@ micro-batches of sequences.
 
 Unlike vanilla GRPO, the control token's loss is normalised on its own and weighted by `algo.alpha`, so the
 thousands of tokens of a long answer no longer drown the one token that picks the mode (Fang et al., 2025).
-Micro-batch losses are weighted by their share of the mini-batch's sequences (exact for the control-token mean,
-which counts one token per sequence; the token-mean of the response, as in verl).
+The counts that normalise each term (control tokens, response tokens, sequences) are taken over the whole
+mini-batch before it is cut into micro-batches (`Normalizers`), so the micro-batches' losses add up to the
+mini-batch's loss: `algo.micro_batch_size`, `padding_free` and the number of ranks cannot change the update.
 
     thinkless-train rl model.path=runs/sft data.train_files=[deepscaler.json] rollout.n=8 trainer.output_dir=runs/rl
 """
@@ -20,11 +21,18 @@ import time
 import torch
 from tqdm import tqdm
 
-from thinkless.kernels import fused_linear_degrpo_loss, group_advantages, token_logprobs
+from thinkless.kernels import (
+    Normalizers,
+    fused_linear_degrpo_loss,
+    group_advantages,
+    sequence_token_weights,
+    token_logprobs,
+)
 from thinkless.train import packing
 from thinkless.train.config import ConfigError
 from thinkless.train.data import DataError, load_problems
 from thinkless.train.dist import Dist, shard_model
+from thinkless.train.eval import validate, validation_examples
 from thinkless.train.model import check_model_path, hidden_states, lm_head, load_model, load_tokenizer
 from thinkless.train.packing import pack
 from thinkless.train.rewards import score
@@ -95,27 +103,46 @@ def _to_cpu(ro: Rollouts) -> Rollouts:
     return Rollouts(**moved)
 
 
-def policy_loss(model, ro: Rollouts, idx: list[int], old_logp, ref_logp, advantages, config):
-    """The DeGRPO loss and metrics of one micro-batch of sequences, padded or packed (`algo.padding_free`)."""
+def loss_options(config) -> dict:
+    """The options of `fused_linear_degrpo_loss` that come from the settings."""
     algo = config.algo
-    options = dict(
-        temperature=config.rollout.temperature, alpha=algo.alpha, clip_low=algo.clip_low,
-        clip_high=algo.clip_high, kl_coef=algo.kl_coef, kl_type=algo.kl_type, decoupled=algo.decoupled,
+    return dict(
+        temperature=config.rollout.temperature, alpha=algo.alpha, clip_low=algo.clip_low, clip_high=algo.clip_high,
+        kl_coef=algo.kl_coef, kl_type=algo.kl_type, kl_clamp=algo.kl_clamp or None, decoupled=algo.decoupled,
+        loss_agg=algo.loss_agg, loss_agg_norm=float(algo.loss_agg_norm or config.rollout.max_new_tokens),
+        entropy_coef=algo.entropy_coef,
     )  # fmt: skip
+
+
+def mini_batch_normalizers(ro: Rollouts, rows: list[int]) -> Normalizers:
+    """The loss's counts over a whole mini-batch, before it is cut into micro-batches (or shared among ranks).
+    Every rank holds the gathered rollouts, so each counts the same without a collective."""
+    return Normalizers.count(ro.response_mask[rows, 1:])
+
+
+def policy_loss(model, ro: Rollouts, idx: list[int], old_logp, ref_logp, advantages, config, normalizers=None):
+    """The DeGRPO loss and metrics of one micro-batch of sequences, padded or packed (`algo.padding_free`), with
+    the mini-batch's `normalizers` (default: the micro-batch's own counts)."""
+    algo = config.algo
+    options = loss_options(config)
     if algo.padding_free:
         p = pack(ro.input_ids, ro.attention_mask, ro.response_mask, idx)
         hidden = hidden_states(model, p.input_ids, None, p.position_ids)
         weight, bias = lm_head(model)  # after the forward: gathered there when sharded
+        # A packed row holds several sequences: their 1/T_i come from the padded rows.
+        token_weights = None
+        if algo.loss_agg == "seq_mean_token_mean":
+            token_weights = p.gather(sequence_token_weights(ro.response_mask[:, 1:], decoupled=algo.decoupled))
         return fused_linear_degrpo_loss(
             hidden, weight, p.target_ids, p.gather(old_logp), _packed_advantages(p, advantages, idx), p.loss_mask,
-            bias=bias,
-            ref_logp=p.gather(ref_logp) if ref_logp is not None else None, control_mask=p.control_mask, **options,
+            bias=bias, ref_logp=p.gather(ref_logp) if ref_logp is not None else None, control_mask=p.control_mask,
+            normalizers=normalizers, token_weights=token_weights, **options,
         )  # fmt: skip
     hidden = hidden_states(model, ro.input_ids[idx, :-1], ro.attention_mask[idx, :-1])
     weight, bias = lm_head(model)
     return fused_linear_degrpo_loss(
         hidden, weight, ro.input_ids[idx, 1:], old_logp[idx], advantages[idx], ro.response_mask[idx, 1:], bias=bias,
-        ref_logp=ref_logp[idx] if ref_logp is not None else None, **options,
+        ref_logp=ref_logp[idx] if ref_logp is not None else None, normalizers=normalizers, **options,
     )  # fmt: skip
 
 
@@ -164,7 +191,8 @@ def rollout_metrics(ro: Rollouts, scores, rewards: torch.Tensor) -> dict:
     short = torch.tensor([m == "short" for m in modes])
     think = torch.tensor([m == "think" for m in modes])
     groups = ro.prompt_index.cpu()
-    per_group = [correct[groups == g] for g in groups.unique()]
+    members = [groups == g for g in groups.unique()]
+    per_group = [correct[m] for m in members]
     mean = lambda x, m: x[m].float().mean().item() if m.any() else 0.0  # noqa: E731
     return {
         "samples": len(scores),
@@ -179,6 +207,11 @@ def rollout_metrics(ro: Rollouts, scores, rewards: torch.Tensor) -> dict:
         "response_tokens_think": mean(lengths, think),
         "groups_all_correct": int(sum(bool(c.all()) for c in per_group)),
         "groups_all_wrong": int(sum(not bool(c.any()) for c in per_group)),
+        # The authors' batch/all_correct_think and all_correct_short (ray_trainer.py): groups whose every sample is
+        # right in one mode; early RL is mostly the first, a policy that learned to route turns them into the second.
+        "groups_all_correct_think": int(sum(bool((correct[m] & think[m]).all()) for m in members)),
+        "groups_all_correct_short": int(sum(bool((correct[m] & short[m]).all()) for m in members)),
+        "groups_mixed_modes": int(sum(bool(think[m].any() and short[m].any()) for m in members)),
     }
 
 
@@ -197,10 +230,43 @@ def fitting_prompts(examples: list, tokenizer, config) -> list:
     return kept
 
 
+LOSS_METRICS = ("loss", "control_loss", "response_loss", "clip_frac", "kl", "entropy")
+
+
+def mini_batch_backward(model, ro: Rollouts, rows: list[int], old_logp, ref_logp, advantages, config, d: Dist):
+    """Forward and backward of one mini-batch (rollout `rows`): this rank's share of it, cut into micro-batches,
+    adds its gradient to `model`'s .grad. Returns this rank's sums of the LOSS_METRICS; over ranks they add up to
+    the mini-batch's values.
+
+    Every micro-batch is normalised by the mini-batch's counts, so its loss is its exact share of the mini-batch
+    loss, and the sum does not depend on how the rows were cut (micro_batch_size, token budget, padding_free,
+    ranks)."""
+    normalizers = mini_batch_normalizers(ro, rows)
+    sums = dict.fromkeys(LOSS_METRICS, 0.0)
+    for idx in d.aligned(micro_batches(ro, d.shard(rows), config.algo)):
+        dummy = idx is None  # a pass that keeps FSDP's collectives in step: zero weight
+        loss, metrics = policy_loss(model, ro, idx or rows[:1], old_logp, ref_logp, advantages, config, normalizers)
+        share = 0.0 if dummy else 1.0
+        # FSDP averages the ranks' gradients; loss_scale (= world) makes that average the sum.
+        (loss * share * d.loss_scale).backward()
+        metrics["loss"] = loss.detach()
+        for key in LOSS_METRICS:
+            sums[key] += metrics[key].item() * share
+    return sums
+
+
+def _validation(run: Run, config, step: int, examples: dict, engine) -> dict:
+    """`trainer.val_files` scored with the policy after `step` updates (eval/step-<step>/), and its time."""
+    start = time.perf_counter()
+    metrics = validate(run, config, step, examples=examples, engine=engine)
+    return {**metrics, "val_seconds": time.perf_counter() - start}
+
+
 def run_rl(config) -> Run:
     # Data first: a bad row must stop the run before any model is loaded.
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
     examples = fitting_prompts(load_problems(config.data.train_files, tokenizer, config), tokenizer, config)
+    val_examples = validation_examples(config, tokenizer) if config.trainer.val_every else {}
     ref_path = resolve_model_path(config.model.ref_path or config.model.path) if algo_needs_reference(config) else None
     if ref_path is not None:
         check_model_path(ref_path, "model.ref_path")
@@ -218,6 +284,8 @@ def run_rl(config) -> Run:
 
         engine = VLLMRollout(str(run.resumed_from or resolve_model_path(config.model.path)), run)
     run.ready()
+    if val_examples and run.step == 0:  # the authors' val_before_train: where the curves start
+        run.metrics.log(0, _validation(run, config, 0, val_examples, engine))
     bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="rl",
                disable=not d.is_main)  # fmt: skip
     for step in bar:
@@ -269,24 +337,16 @@ def run_rl(config) -> Run:
 
         prompts = sorted(set(ro.prompt_index[keep.to(ro.prompt_index.device)].tolist()))
         per_mini = algo.mini_batch_size or len(prompts) or 1
-        keys = ("loss", "control_loss", "response_loss", "clip_frac", "kl", "entropy")
+        keys = LOSS_METRICS
         sums, n_updates, grad_norm = dict.fromkeys(keys, 0.0), 0, 0.0
         for _ in range(algo.ppo_epochs):
             for m0 in range(0, len(prompts), per_mini):
                 chosen = set(prompts[m0 : m0 + per_mini])
                 rows = [i for i, p in enumerate(ro.prompt_index.tolist()) if p in chosen and keep[i]]
                 run.optimizer.zero_grad(set_to_none=True)
-                for idx in d.aligned(micro_batches(ro, d.shard(rows), algo)):
-                    dummy = idx is None  # keeps FSDP's collectives in step: zero weight
-                    loss, metrics = policy_loss(
-                        run.model, ro, idx or rows[:1], old_logp, ref_logp, loss_advantages, config
-                    )
-                    share = 0.0 if dummy else len(idx) / len(rows)
-                    # The sum over ranks of these is the single-process loss; FSDP averages, loss_scale undoes it.
-                    (loss * share * d.loss_scale).backward()
-                    metrics["loss"] = loss.detach()
-                    for key in keys:
-                        sums[key] += metrics[key].item() * share
+                part = mini_batch_backward(run.model, ro, rows, old_logp, ref_logp, loss_advantages, config, d)
+                for key in keys:
+                    sums[key] += part[key]
                 grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(run.model.parameters(), algo.max_grad_norm))
                 run.optimizer.step()
                 run.scheduler.step()
@@ -295,9 +355,13 @@ def run_rl(config) -> Run:
         end = _clock(run.device)
         seconds = end - start
         tokens = int(ro.attention_mask.sum())
+        val = {}
+        if val_examples and (step % trainer.val_every == 0 or step == trainer.total_steps):
+            val = _validation(run, config, step, val_examples, engine)
         row = run.metrics.log(
             step,
             {
+                **val,
                 **{k: v / max(n_updates, 1) for k, v in sums.items()},
                 **rollout_metrics(ro, scores, rewards),
                 **(tag_metrics(ro, scores, [e.tag for e in batch]) if config.data.tag_key else {}),

@@ -125,7 +125,9 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
             rollout_model = copy.deepcopy(model).eval().requires_grad_(False)
         model = shard_model(model, d)
         optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=algo.lr, weight_decay=algo.weight_decay,
+            [p for p in model.parameters() if p.requires_grad],
+            lr=algo.lr,
+            weight_decay=algo.weight_decay,
             betas=tuple(algo.betas),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(algo, planned_updates(config, stage)))
@@ -150,9 +152,9 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
 
 
 def _apply_configured_rates(optimizer, scheduler, algo, report: bool) -> None:
-    """The resumed run's algo.lr, weight_decay and betas, not the checkpoint's: the optimizer state and the scheduler bring
-    back the rates the run started with, and a changed setting would be silently ignored. The schedule's position
-    (its update count) is kept; the factor of that position is applied to the new base rate."""
+    """The resumed run's algo.lr, weight_decay and betas, not the checkpoint's: the optimizer state and the
+    scheduler bring back the rates the run started with, and a changed setting would be silently ignored. The
+    schedule's position (its update count) is kept; the factor of that position is applied to the new base rate."""
     old = scheduler.base_lrs[0]
     if report and old != algo.lr:
         print(f"thinkless: algo.lr={algo.lr:g} replaces the checkpoint's {old:g} from the next update on")
