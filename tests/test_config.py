@@ -87,6 +87,14 @@ def test_text_settings_stay_text():
         ("algo.is_cap=0", r"algo.is_cap must be > 0"),
         ("rollout.engine=vllm rollout.temperature=0.005", r"must be in \[0.01, 2\] with rollout.engine=vllm"),
         ("rollout.vllm_gpu_memory_utilization=0", r"rollout.vllm_gpu_memory_utilization must be in \(0, 1\]"),
+        ("trainer.val_files=[aime.json]", r"trainer.val_files needs trainer.val_every"),
+        ("trainer.val_every=10", r"trainer.val_every needs trainer.val_files"),
+        ("algo.loss_agg=sum", r"algo.loss_agg must be one of token_mean, seq_mean_token_mean"),
+        ("algo.betas=[0.9]", r"algo.betas must be two numbers in \[0, 1\)"),
+        ("algo.betas=[0.9,x]", r"algo.betas\[1\] must be a number"),
+        ("algo.kl_clamp=-1", r"algo.kl_clamp must be >= 0"),
+        ("eval.scoring=lenient", r"eval.scoring must be one of rl, authors"),
+        ("data.instruction_position=middle", r"data.instruction_position must be one of after, before, none"),
     ],
 )
 def test_out_of_range_settings_fail_at_once(override, message):

@@ -335,3 +335,41 @@ def test_bad_aggregation_options_are_named(kwargs, message):
     logp, old, ref, adv, mask = cases.loss_inputs(3, 5, seed=0)
     with pytest.raises(ValueError, match=message):
         degrpo_loss(logp, old, adv, mask, **kwargs)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_token_weights_off_the_term_are_never_read(backend):
+    """A decoupled control token (and padding) may carry any token weight, NaN included: it is not in the term."""
+    logp, old, ref, adv, mask = cases.loss_inputs(4, 9, seed=7)
+    logp, old, adv = logp.double(), old.double(), adv.double()
+    control = reference.first_response_token_mask(mask)
+    weights = torch.rand(4, 9, dtype=torch.float64)
+    poisoned = torch.where(control | ~mask, torch.full_like(weights, float("nan")), weights)
+    results = []
+    for w in (weights, poisoned):
+        x = logp.clone().requires_grad_(True)
+        loss, _ = degrpo_loss(x, old, adv, mask, token_weights=w, alpha=0.5, backend=backend)
+        (grad,) = torch.autograd.grad(loss, x)
+        results.append((loss, grad))
+    assert torch.isfinite(results[1][0]) and torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_kl_clamp_boundary_in_float64(backend):
+    """A float64 estimate just above the clamp is clamped (and constant), on every backend: the Triton kernels get
+    the clamp in two fp32 halves, not rounded to fp32 (0.3 -> 0.30000001192...)."""
+    k3_target = 0.3 + 5e-9  # between 0.3 and fp32(0.3)
+    d = torch.tensor(1.0, dtype=torch.float64)
+    for _ in range(60):  # solve exp(-d) + d - 1 = k3_target by Newton's method
+        d = d - (torch.exp(-d) + d - 1 - k3_target) / (1 - torch.exp(-d))
+    logp = torch.tensor([[-1.0]], dtype=torch.float64) + d
+    ref = torch.tensor([[-1.0]], dtype=torch.float64)
+    x = logp.clone().requires_grad_(True)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    loss, metrics = degrpo_loss(
+        x, x.detach(), torch.zeros(1, dtype=torch.float64), mask, ref_logp=ref, kl_coef=1.0, kl_clamp=0.3,
+        backend=backend,
+    )  # fmt: skip
+    (grad,) = torch.autograd.grad(loss, x)
+    assert metrics["kl"].item() == pytest.approx(0.3, rel=1e-14, abs=0) and grad.item() == 0.0

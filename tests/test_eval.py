@@ -218,7 +218,7 @@ def test_oracle_router_on_hand_made_results():
 def _val_files(tmp_path, n=6):
     rows = json.loads(MATH500.read_text())[:n]
     (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return [f"trainer.val_files=[{tmp_path / 'val.jsonl'}]", "trainer.val_n=2"]
+    return [f"trainer.val_files=[{tmp_path / 'val.jsonl'}]", "trainer.val_n=2", "trainer.val_every=1"]
 
 
 def test_validate_leaves_the_training_stream_and_mode_alone(base, tmp_path):
@@ -273,6 +273,11 @@ def test_validate_under_torchrun(base, tmp_path):
     assert ranks[0] == ranks[1] and ranks[0]["same_twice"] and ranks[0]["training"] and ranks[0]["stream_kept"]
     saved = json.loads((tmp_path / "rl" / "eval" / "step-1" / "val.json").read_text())
     assert saved["n"] == 2 * 5 and ranks[0]["metrics"]["val/val/accuracy"] == saved["accuracy"]
+    # Through an engine whose every generate is a collective (as vLLM's weight sync is), with shards of 2 and 3
+    # problems at 2 per call: both ranks made the busiest rank's 2 calls, and all 5 problems were scored.
+    assert [r["engine_calls"] for r in ranks] == [2, 2]
+    assert ranks[0]["engine_metrics"] == ranks[1]["engine_metrics"]
+    assert json.loads((tmp_path / "rl" / "eval" / "step-3" / "val.json").read_text())["n"] == 2 * 5
 
 
 def _worker(base, out, *settings):
@@ -290,9 +295,39 @@ def _worker(base, out, *settings):
     kept = torch.equal(torch.get_rng_state(), state)
     again = validate(run, config, step=2)
     result = {"metrics": metrics, "same_twice": again == metrics, "training": run.model.training, "stream_kept": kept}
+
+    import dataclasses
+
+    from thinkless.train.rollout import generate
+
+    class CollectiveEngine:  # stands in for vLLM: its weight sync is a collective in every generate
+        def __init__(self):
+            self.rollout, self.calls = config.rollout, 0
+
+        def generate(self, model, tokenizer, prompts):
+            self.calls += 1
+            torch.distributed.all_gather_object([None] * 2, self.calls)  # pairs with the other rank's call
+            return generate(run.rollout_model, tokenizer, prompts, self.rollout)
+
+    engine = CollectiveEngine()
+    two_per_call = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, batch_size=2))
+    result["engine_metrics"] = validate(run, two_per_call, step=3, engine=engine)
+    result["engine_calls"] = engine.calls
     (Path(out) / f"rank{run.dist.rank}.json").write_text(json.dumps(result))
     shutdown()
 
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:])
+
+
+def test_a_broken_report_is_left_out_of_the_table(tmp_path, capsys):
+    """An older eval cut short mid-write: the next eval's table skips that file and says so."""
+    from thinkless.train.eval import folder_reports
+
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "math500.json").write_text('{"accuracy": 0.')
+    good = {"accuracy": 0.5, "think_ratio": 0.25, "mean_tokens": 10.0, "n": 4}
+    (tmp_path / "math500.json").write_text(json.dumps(good))
+    assert folder_reports(tmp_path) == [("math500", "model", good)]
+    assert "not a readable report" in capsys.readouterr().out

@@ -414,9 +414,9 @@ def test_cross_entropy_matches_materialised(backend, dtype):
 def test_temperature_reaches_a_float64_kernel_whole(x):
     """Triton hands a Python float to a compiled kernel as fp32; 1/temperature goes as two fp32 halves instead,
     added in the kernel's compute dtype (an H200 run lost 2e-7 of a float64 log-prob before this)."""
-    from thinkless.kernels.fused_linear import _split_scalar
+    from thinkless.kernels._triton_utils import split_scalar
 
-    hi, lo = _split_scalar(x)
+    hi, lo = split_scalar(x)
     f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
     assert f32(hi) == hi and f32(lo) == lo  # each passes through an fp32 argument unchanged
     assert abs((hi + lo) - x) <= 2**-48 * x  # added in fp64: x to 4e-15 (48 bits of the 53)
@@ -426,13 +426,20 @@ def test_temperature_reaches_a_float64_kernel_whole(x):
 @pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("decoupled", [True, False])
 def test_entropy_gradient_gradcheck_float64(backend, decoupled):
-    """The entropy bonus's gradient (Triton, C++ and torch row work) against finite differences, in float64."""
-    hidden, weight, bias, targets, old, adv, mask, ref = _inputs(2, 5, 11, seed=4, bias=True)
+    """The entropy bonus's gradient (Triton, C++ and torch row work) against finite differences, in float64.
+    Small (H=4, V=7: each finite difference is a whole pass, and the Triton interpreter is slow)."""
+    gen = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64), torch.randn(7, 4, generator=gen).double()
+    bias = torch.randn(7, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 3), generator=gen)
+    mask = torch.tensor([[False, True, True], [True, True, False]])
+    old = reference.token_logprobs(hidden, weight, targets, bias=bias, temperature=0.7)[0] + 0.1
+    adv = torch.tensor([0.7, -0.4], dtype=torch.float64)
     opts = dict(temperature=0.7, entropy_coef=0.3, decoupled=decoupled, loss_agg="seq_mean_token_mean",
-                kl_coef=0.1, ref_logp=ref.double(), backend=backend, chunk_size=3)  # fmt: skip
+                kl_coef=0.1, ref_logp=old - 0.2, backend=backend, chunk_size=2)  # fmt: skip
 
     def loss(h, w, b):
-        return fused_linear_degrpo_loss(h, w, targets, old.double(), adv.double(), mask, bias=b, **opts)[0]
+        return fused_linear_degrpo_loss(h, w, targets, old, adv, mask, bias=b, **opts)[0]
 
     leaves = [x.detach().clone().requires_grad_(True) for x in (hidden, weight, bias)]
     assert torch.autograd.gradcheck(loss, leaves)

@@ -245,3 +245,23 @@ def test_answer_extraction_matches_the_authors(response):
 
 def test_think_end_is_the_authors_delimiter():
     assert THINK_END == "</think>"  # THOUGHT_DELIMITER_END in deepscaler/globals.py
+
+
+@pytest.mark.parametrize(
+    ("response", "reference", "correct"),
+    [
+        ("<think> so x=4, \\boxed{4} (ran out of tokens", "4", True),  # their eval reads the thinking too
+        ("<think>\\boxed{4}</think> the answer is \\boxed{5}", "4", False),  # the last box counts
+        ("<short> The answer is 4.", "4", True),  # no box: the last number
+        ("<short> The answer is 4, not 7.", "4", False),
+        ("<short> \\boxed{\\frac{1}{2}}", "0.5", True),  # math-verify
+        ("<short> \\boxed{12 apples}", "12", True),  # their first-number fallback
+        ("<short> no idea", "4", False),
+    ],
+)
+def test_eval_correct_is_the_authors_evaluation_rule(response, reference, correct):
+    """scripts/eval/eval_math500.py: the last \\boxed{} anywhere, else the last number; correct by the grader or by
+    equal first numbers. Not the reward's rule: the first case is a format error there."""
+    from thinkless.train.rewards import eval_correct
+
+    assert eval_correct(response, reference) is correct

@@ -398,3 +398,15 @@ def test_rl_with_importance_sampling_correction(workdir):
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["rollout_logp_diff"] < 1e-4
     assert row["is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and row["is_truncated_frac"] == 0.0
+
+
+def test_metrics_of_a_run_without_a_checkpoint_start_afresh(tmp_path):
+    """A run that logged (its step-0 validation, a step) and died before its first checkpoint starts again from
+    nothing: no row of the dead run stays, so step 0 is not written twice."""
+    log = MetricsLog(tmp_path, 0)
+    log.log(0, {"val/x/accuracy": 0.5})
+    log.log(1, {"loss": 1.0})
+    MetricsLog(tmp_path, 0).log(0, {"val/x/accuracy": 0.5})
+    assert _steps(tmp_path) == [0]
+    MetricsLog(tmp_path, 1)  # a checkpoint at step 1 keeps the rows up to it
+    assert _steps(tmp_path) == [0]

@@ -19,7 +19,7 @@ from torch import Tensor
 from thinkless.kernels import _checks, reference
 from thinkless.kernels._backend import select_backend
 from thinkless.kernels._config import DEGRPO_LOSS, FIRST_RESPONSE
-from thinkless.kernels._triton_utils import tl, triton
+from thinkless.kernels._triton_utils import split_scalar, tl, triton
 
 KL_TYPES = ("k1", "k2", "k3")
 LOSS_AGGS = reference.LOSS_AGGS
@@ -91,9 +91,10 @@ def _token_terms(
 
 
 @triton.jit
-def _kl_terms(logp, ref, kl_clamp, KL_TYPE: tl.constexpr):
+def _kl_terms(logp, ref, kl_clamp_hi, kl_clamp_lo, KL_TYPE: tl.constexpr):
     """(k, dk/dlogp) for the estimators k1, k2, k3 of KL(policy || reference), d = logp - ref, k clamped to
-    [-kl_clamp, kl_clamp] with a zero gradient outside (as torch.clamp; kl_clamp = inf when off).
+    [-c, c] with a zero gradient outside (as torch.clamp; c = inf when off). c = hi + lo arrives as two fp32
+    halves (`split_scalar`), so that a float64 pass clamps at the float64 value.
 
     k3 = exp(-d) + d - 1 and its derivative 1 - exp(-d) cancel to ~d^2/2 and ~d at the small |d| of real
     training, where fp32 keeps only a few digits. There their Taylor series (k3 = sum_{n>=2} (-d)^n/n!) is used
@@ -122,6 +123,8 @@ def _kl_terms(logp, ref, kl_clamp, KL_TYPE: tl.constexpr):
             small = tl.abs(d) < 0.5
         k = tl.where(small, d * d * s2, e + d - 1.0)
         dk = tl.where(small, d * (1.0 + x * s2), 1.0 - e)
+    one = tl.full((), 1.0, d.dtype)
+    kl_clamp = kl_clamp_hi * one + kl_clamp_lo * one
     # A NaN estimate is kept (k != k), so that it shows in the loss.
     keep = (tl.abs(k) <= kl_clamp) | (k != k)
     return tl.where(keep, k, tl.where(k > 0, kl_clamp, -kl_clamp)), tl.where(keep, dk, 0.0)
@@ -154,7 +157,8 @@ def _degrpo_fwd_kernel(
     # options
     clip_low,
     clip_high,
-    kl_clamp,
+    kl_clamp_hi,
+    kl_clamp_lo,
     # meta-parameters
     HAS_REF: tl.constexpr,
     HAS_CONTROL_MASK: tl.constexpr,
@@ -178,7 +182,7 @@ def _degrpo_fwd_kernel(
     kl_sum = 0.0
     if HAS_REF:
         ref = tl.load(ref_ptr + row * stride_ref + t, mask=t < T, other=0.0).to(COMPUTE)
-        kl, _ = _kl_terms(logp, ref, kl_clamp, KL_TYPE)
+        kl, _ = _kl_terms(logp, ref, kl_clamp_hi, kl_clamp_lo, KL_TYPE)
         kl_sum = tl.sum(tl.where(resp, kl, 0.0))
 
     out = stats_ptr + (row * n_blocks + block) * NUM_STATS
@@ -227,7 +231,8 @@ def _degrpo_bwd_kernel(
     # options
     clip_low,
     clip_high,
-    kl_clamp,
+    kl_clamp_hi,
+    kl_clamp_lo,
     # meta-parameters
     HAS_KL: tl.constexpr,
     HAS_CONTROL_MASK: tl.constexpr,
@@ -255,7 +260,7 @@ def _degrpo_bwd_kernel(
     grad = tl.where(resp, w * dtoken, 0.0)
     if HAS_KL:
         ref = tl.load(ref_ptr + row * stride_ref + t, mask=t < T, other=0.0).to(COMPUTE)
-        _, dkl = _kl_terms(logp, ref, kl_clamp, KL_TYPE)
+        _, dkl = _kl_terms(logp, ref, kl_clamp_hi, kl_clamp_lo, KL_TYPE)
         grad += tl.where(resp, tl.load(weights_ptr + 3) * dkl, 0.0)
     tl.store(dlogp_ptr + row * stride_dlogp + t, grad.to(dlogp_ptr.dtype.element_ty), mask=t < T)
 
@@ -362,7 +367,7 @@ def _forward_triton(tokens, strides, first, tw, p: DeGRPOParams, flags: dict, ha
             *tokens, first, tw, stats,
             T, n_blocks,
             *strides, tw.stride(0),
-            p.clip_low, p.clip_high, p.kl_bound,
+            p.clip_low, p.clip_high, *split_scalar(p.kl_bound),
             HAS_REF=has_ref,
             NUM_STATS=NUM_STATS,
             BLOCK=DEGRPO_LOSS.block,
@@ -381,7 +386,7 @@ def _backward_triton(tokens, strides, first, tw, weights, p: DeGRPOParams, flags
         dlogp, *tokens, first, tw, weights,
         T,
         dlogp.stride(0), *strides, tw.stride(0),
-        p.clip_low, p.clip_high, p.kl_bound,
+        p.clip_low, p.clip_high, *split_scalar(p.kl_bound),
         HAS_KL=has_kl,
         BLOCK=DEGRPO_LOSS.block,
         num_warps=DEGRPO_LOSS.num_warps,
@@ -452,13 +457,18 @@ def sequence_token_weights(response_mask: Tensor, *, decoupled: bool = True, con
     response_mask = response_mask.bool()
     control = reference.first_response_token_mask(response_mask) if control_mask is None else control_mask.bool()
     term = response_mask & ~control if decoupled else response_mask
-    return term / term.sum(dim=1, keepdim=True).clamp(min=1)
+    return term.double() / term.sum(dim=1, keepdim=True).clamp(min=1)
 
 
 def _token_weights(p: DeGRPOParams, token_weights, response_mask, control) -> Tensor | None:
-    """The given token weights, or seq_mean_token_mean's 1/T_i from the rows (one sequence per row); None: 1."""
-    if token_weights is not None or p.loss_agg != "seq_mean_token_mean":
-        return token_weights
+    """The given token weights (0 off the response term: a decoupled control token or padding may hold anything,
+    NaN included, and must not reach a product), or seq_mean_token_mean's 1/T_i from the rows (one sequence per
+    row); None: 1."""
+    if token_weights is not None:
+        term = response_mask & ~control if p.decoupled else response_mask
+        return torch.where(term, token_weights, torch.zeros((), dtype=token_weights.dtype, device=term.device))
+    if p.loss_agg != "seq_mean_token_mean":
+        return None
     return sequence_token_weights(response_mask, decoupled=p.decoupled, control_mask=control)
 
 

@@ -38,7 +38,7 @@ from thinkless.kernels._fused_linear_loop import (
     _Tokens,
     chunk_rows,
 )
-from thinkless.kernels._triton_utils import tl, triton
+from thinkless.kernels._triton_utils import split_scalar, tl, triton
 from thinkless.kernels.degrpo_loss import (
     Normalizers,
     _token_weights,
@@ -63,7 +63,7 @@ def _row_stats_kernel(
     entropy_ptr,  # COMPUTE [C], out (when HAS_ENTROPY)
     V,
     stride_row,
-    inv_temp_hi,  # 1 / temperature = hi + lo (two fp32 scalars: see _split_scalar)
+    inv_temp_hi,  # 1 / temperature = hi + lo (two fp32 scalars: see split_scalar)
     inv_temp_lo,
     HAS_ENTROPY: tl.constexpr,
     COMPUTE: tl.constexpr,
@@ -138,20 +138,12 @@ def _row_grad_kernel(
     tl.store(base + v, dz.to(logits_ptr.dtype.element_ty), mask=v < V)
 
 
-def _split_scalar(x: float) -> tuple[float, float]:
-    """x as hi + lo, two floats exact in fp32. Triton passes a Python float to a compiled kernel as fp32, which
-    would cost a float64 pass 8 digits (1/0.6 to 3e-8: a log-prob off by 2e-7 on an H200); hi + lo formed in fp64
-    inside the kernel carries x to 2^-48 (4e-15), and in fp32 it rounds back to fp32(x)."""
-    hi = float(torch.tensor(x, dtype=torch.float32))
-    return hi, float(torch.tensor(x - hi, dtype=torch.float32))
-
-
 def _row_stats_triton(z: Tensor, targets: Tensor, inv_temp: float, want_entropy: bool, compute: torch.dtype):
     n, V = z.shape
     lse, logp, entropy = (torch.empty(n, dtype=compute, device=z.device) for _ in range(3))
     _row_stats_kernel[(n,)](
         z, targets, lse, logp, entropy,
-        V, z.stride(0), *_split_scalar(inv_temp),
+        V, z.stride(0), *split_scalar(inv_temp),
         HAS_ENTROPY=want_entropy,
         COMPUTE=_triton_dtype(compute),
         BLOCK_V=ROW_STATS.block,
@@ -165,7 +157,7 @@ def _row_grad_triton(z: Tensor, targets: Tensor, lse: Tensor, g: Tensor, inv_tem
     has_entropy_grad = gamma is not None
     _row_grad_kernel[(n, triton.cdiv(V, ROW_GRAD.block))](
         z, targets, lse, g, entropy if has_entropy_grad else lse, gamma if has_entropy_grad else lse,
-        V, z.stride(0), *_split_scalar(inv_temp),
+        V, z.stride(0), *split_scalar(inv_temp),
         HAS_ENTROPY_GRAD=has_entropy_grad,
         COMPUTE=_triton_dtype(lse.dtype),
         BLOCK_V=ROW_GRAD.block,

@@ -188,8 +188,8 @@ def degrpo_loss(
         weights = torch.ones_like(token_loss)
     else:
         raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-    if token_weights is not None:
-        weights = response_only(token_weights.detach())
+    if token_weights is not None:  # only the term's tokens are read: others may hold anything
+        weights = torch.where(term, token_weights.detach().to(dtype), torch.zeros((), dtype=dtype, device=term.device))
     response_term = _masked_sum(weights * token_loss, term) / divisor
     control_loss = _masked_sum(token_loss, control) / n_control
     if decoupled:

@@ -144,6 +144,11 @@ class EvalConfig:
         "reported as the mean and std across seeds; empty: one pass with trainer.seed",
     )
     count_prompt_tokens: bool = _key(False, "count tokens as prompt + response (the authors' table); else response")
+    scoring: str = _key(
+        "rl",
+        "rl: the training reward's rule (think answers after </think>); authors: their evaluation scripts' rule "
+        "(the last \\boxed{} anywhere, thinking included, else the last number), for the paper's table",
+    )
     limit: int = _key(0, "evaluate only the first N problems of each file (lm-eval's --limit); 0: all")
     force_mode: str = _key(
         "",
@@ -330,6 +335,11 @@ def validate(config: Config) -> None:
     ]:  # fmt: skip
         if not 0 < value <= 1:
             raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+    if bool(t.val_files) != bool(t.val_every):  # one without the other would be silently ignored
+        given, missing = (
+            ("trainer.val_files", "trainer.val_every") if t.val_files else ("trainer.val_every", "trainer.val_files")
+        )
+        raise ConfigError(f"{given} needs {missing} (validation during RL uses both)")
     if len(a.betas) != 2 or not all(0 <= b < 1 for b in a.betas):
         raise ConfigError(f"algo.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {a.betas!r}")
     choices = {
@@ -338,6 +348,7 @@ def validate(config: Config) -> None:
         "data.instruction_position": (config.data.instruction_position, ("after", "before", "none")),
         "data.answer_format": (config.data.answer_format, ("auto", "plain", "gsm8k", "boxed")),
         "eval.force_mode": (config.eval.force_mode, ("", "short", "think")),
+        "eval.scoring": (config.eval.scoring, ("rl", "authors")),
         "rollout.engine": (r.engine, ("hf", "vllm")),
         "algo.lr_scheduler": (a.lr_scheduler, ("constant", "cosine", "linear")),
         "trainer.report_to": (t.report_to, ("none", "tensorboard", "wandb")),

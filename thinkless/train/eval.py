@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -54,7 +55,7 @@ from thinkless.train.checkpoint import rng_state, set_rng_state
 from thinkless.train.data import DataError, load_problems
 from thinkless.train.dist import Dist
 from thinkless.train.model import load_tokenizer
-from thinkless.train.rewards import SHORT, THINK, score
+from thinkless.train.rewards import SHORT, THINK, eval_correct, score
 from thinkless.train.rollout import generate
 from thinkless.train.run import resolve_model_path, seed_everything, start_run
 
@@ -73,30 +74,50 @@ def _record(prompt_tokens: int, **info) -> dict:
     return {**info, "prompt_tokens": prompt_tokens, "modes": [], "correct": [], "tokens": []}
 
 
-def _sample(model, tokenizer, examples: list, config, n: int, force_mode: str, engine=None) -> list[dict]:
-    """n samples of each example: per problem, its prompt tokens and each sample's mode, correctness and tokens."""
+def _engine_generate(engine, model, tokenizer, prompts: list[str], rollout):
+    """vLLM samples `engine.rollout.n` per prompt: the evaluation's n for this call."""
+    saved, engine.rollout = engine.rollout, rollout
+    try:
+        return engine.generate(model, tokenizer, prompts)
+    finally:
+        engine.rollout = saved
+
+
+def _sample(
+    model, tokenizer, examples: list, config, n: int, force_mode: str, engine=None, d: Dist | None = None,
+    filler: str = "",
+) -> list[dict]:  # fmt: skip
+    """n samples of each example: per problem, its prompt tokens and each sample's mode, correctness and tokens.
+
+    The vLLM engine syncs the sharded policy (a collective) in every `generate`, so under torchrun each rank makes
+    as many calls as the busiest one: a rank with fewer (or no) problems samples `filler` and drops the result."""
     rollout = dataclasses.replace(config.rollout, n=n)
     token = FORCED.get(force_mode, "")
+    judge = config.eval.scoring
     out = []
     step = max(1, config.trainer.batch_size)
+    calls = -(-len(examples) // step)
+    if engine is not None and d is not None and d.world > 1:
+        for _ in range(d.max(calls) - calls):
+            _engine_generate(engine, model, tokenizer, [filler], dataclasses.replace(rollout, n=1))
     for i in range(0, len(examples), step):
         batch = examples[i : i + step]
         prompts = [e.prompt + token for e in batch]
         if engine is None:
             ro = generate(model, tokenizer, prompts, rollout)
-        else:  # vLLM samples `engine.rollout.n` per prompt: the evaluation's n for this call
-            saved, engine.rollout = engine.rollout, rollout
-            try:
-                ro = engine.generate(model, tokenizer, prompts)
-            finally:
-                engine.rollout = saved
+        else:
+            ro = _engine_generate(engine, model, tokenizer, prompts, rollout)
         records = [_record(len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"])) for e in batch]
         lengths = ro.lengths.tolist()
         for text, mode, p, length in zip(ro.texts, ro.modes, ro.prompt_index.tolist(), lengths, strict=True):
             if token:  # the prompt chose the mode: score the answer as one that opens with its token
                 mode, text, length = force_mode, token + text, length + 1
             records[p]["modes"].append(mode)
-            records[p]["correct"].append(score(text, batch[p].answer, mode, config.rewards).correct)
+            if judge == "authors":  # their evaluation scripts' rule (rewards.eval_correct)
+                correct = mode is not None and eval_correct(text, batch[p].answer)
+            else:
+                correct = score(text, batch[p].answer, mode, config.rewards).correct
+            records[p]["correct"].append(correct)
             records[p]["tokens"].append(int(length))
         out += records
     return out
@@ -154,7 +175,10 @@ def evaluate_examples(
     for seed in seeds:
         if reseed or d.world > 1:
             seed_everything(seed + RANK_STRIDE * d.rank)
-        records = _sample(model, tokenizer, [examples[i] for i in mine], config, n, force_mode, engine)
+        records = _sample(
+            model, tokenizer, [examples[i] for i in mine], config, n, force_mode, engine, d,
+            filler=examples[0].prompt if examples else "",
+        )  # fmt: skip
         gathered = [r for part in d.gather(records) for r in part]
         for problem, record in zip(problems, gathered, strict=True):
             problem["prompt_tokens"] = record["prompt_tokens"]
@@ -217,7 +241,11 @@ def folder_reports(eval_dir: Path) -> list[tuple[str, str, dict]]:
     rows = []
     for mode, sub in MODES.items():
         for path in sorted((eval_dir / sub).glob("*.json")):
-            report = json.loads(path.read_text())
+            try:
+                report = json.loads(path.read_text())
+            except (OSError, ValueError) as err:  # a report an older, interrupted eval cut short: skip it
+                print(f"thinkless eval: {path} is not a readable report ({err}); left out of the table")
+                continue
             if isinstance(report, dict) and all(k in report for k in (*HEADLINE, "n")):
                 rows.append((path.stem, mode, report))
     order = list(MODES)
@@ -225,8 +253,11 @@ def folder_reports(eval_dir: Path) -> list[tuple[str, str, dict]]:
 
 
 def _write(path: Path, text: str) -> None:
+    """Written whole, then renamed: an interrupted eval never leaves half a report behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def run_eval(config) -> list[dict]:

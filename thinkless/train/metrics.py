@@ -36,8 +36,9 @@ class MetricsLog:
     def __init__(self, output_dir: str | Path, resume_step: int = 0, report_to: str = "none"):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():  # keep the steps up to the checkpoint we resume from
-            kept = [line for line in self.path.read_text().splitlines() if _step(line) <= resume_step]
+        if self.path.exists():  # keep the steps up to the checkpoint we resume from (none without one)
+            lines = self.path.read_text().splitlines() if resume_step > 0 else []
+            kept = [line for line in lines if _step(line) <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             os.replace(tmp, self.path)

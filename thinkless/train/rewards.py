@@ -22,11 +22,17 @@ The mode is the policy's first generated token (the `mode` argument of `score`),
 response text may come with or without its leading <short>/<think>.
 
 Answers are compared with math-verify (`parse` + `verify`), which treats \\frac{1}{2} and 0.5, tuples, intervals
-and units the way graders do.
+and units the way graders do. The box is read a little more leniently than the authors' `remove_boxed`, which
+needs exactly `\\boxed{...}`: `\\boxed 5`, `\\boxed {5}` and `\\fbox{5}` count here too (there, a format error).
+
+`eval_correct` is the other rule, that of the authors' evaluation scripts (scripts/eval/eval_math500.py): the last
+\\boxed{} anywhere, the thinking included, else the last number. Their paper's table is scored that way
+(`eval.scoring=authors`); training and validation use the reward's rule above.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 
@@ -125,3 +131,23 @@ def score(response: str, reference: str, mode: str | None, table) -> Score:
     if not check_answer(answer, reference):
         return Score(mode, False, float(table.wrong), answer)
     return Score(mode, True, float(table.correct_short if mode == "short" else table.correct_think), answer)
+
+
+_NUMBER = re.compile(r"[-+]?\d*\.\d+|\d+")
+
+
+def eval_correct(response: str, reference: str) -> bool:
+    """Correct as the authors' evaluation scripts judge it (scripts/eval/eval_math500.py): the prediction is the
+    last \\boxed{} anywhere in the response (the thinking included: a chain of thought cut off after it still
+    counts), else the last number; right when it equals the reference (math-verify here, their grader there) or
+    when the first numbers of the prediction and of the reference are equal."""
+    predicted = last_boxed(response)
+    if predicted is None:
+        numbers = _NUMBER.findall(response)
+        predicted = numbers[-1] if numbers else None
+    if predicted is None:
+        return False
+    if check_answer(predicted, reference):
+        return True
+    first_p, first_r = _NUMBER.findall(predicted), _NUMBER.findall(reference)
+    return bool(first_p and first_r) and float(first_p[0]) == float(first_r[0])
