@@ -73,10 +73,14 @@ class _EngineModel:
 class LLM:
     instances: list[LLM] = []
     include_stop_token = True  # vLLM keeps a stop token in token_ids; False tests the engine's fallback
+    has_reload_weights = True  # vLLM >= 0.32; False: an older worker, synced through apply_model(load_weights)
+    sleep_mode = True  # the platform's is_sleep_mode_available() (False: vLLM's CPU build)
 
     def __init__(self, model: str, **kwargs):
         from transformers import AutoModelForCausalLM
 
+        if kwargs.get("enable_sleep_mode") and not LLM.sleep_mode:  # vLLM's ModelConfig refuses it at start
+            raise ValueError("Sleep mode is not supported on current platform.")
         self.kwargs = kwargs
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
         self.calls: list[tuple] = []
@@ -86,6 +90,7 @@ class LLM:
 
     def sleep(self, level: int = 1, mode: str = "abort"):
         assert level in (0, 1, 2) and self.kwargs.get("enable_sleep_mode"), "sleep needs enable_sleep_mode=True"
+        assert LLM.sleep_mode, "Sleep mode is not supported on current platform"
         self.calls.append(("sleep", level))
         self.weights_awake = self.kv_awake = False
         if level == 2:
@@ -104,6 +109,16 @@ class LLM:
         assert self.weights_awake, "weights written while asleep"
         self.calls.append(("apply_model",))
         return [func(_EngineModel(self.model))]
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        """The worker's reload_weights (vLLM >= 0.32): HF-named weights, checkpoint format; older workers lack it."""
+        kwargs = kwargs or {}
+        if method != "reload_weights" or not LLM.has_reload_weights:
+            raise AttributeError(f"'Worker' object has no attribute {method!r}")
+        assert self.weights_awake, "weights written while asleep"
+        assert kwargs.get("is_checkpoint_format", True), "HF-named weights are in checkpoint format"
+        self.calls.append(("reload_weights",))
+        return [_EngineModel(self.model).load_weights(kwargs["weights_iterator"])]
 
     def reset_prefix_cache(self, reset_running_requests: bool = False, reset_connector: bool = False) -> bool:
         self.calls.append(("reset_prefix_cache",))
@@ -150,6 +165,10 @@ def install(monkeypatch) -> types.ModuleType:
     module = types.ModuleType("vllm")
     module.LLM, module.SamplingParams = LLM, SamplingParams
     module.RequestOutput, module.CompletionOutput, module.Logprob = RequestOutput, CompletionOutput, Logprob
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: LLM.sleep_mode)
+    module.platforms = platforms
     LLM.instances = []
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     return module

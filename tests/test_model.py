@@ -117,3 +117,12 @@ def test_liger_patches_this_instance_and_leaves_cpu_models_working(kind, monkeyp
     with torch.no_grad():
         assert torch.equal(bystander(ids).logits, expected)  # a CPU model untouched by the patch
         assert cls[1](config).model.norm.__class__ is originals[type(bystander.model.norm).__name__]
+
+
+def test_a_missing_gguf_file_is_named(tmp_path):
+    """model.path=<file>.gguf is converted (tests/test_real_components.py); a wrong path is one clear error."""
+    from thinkless.train.model import ModelError
+    from thinkless.train.run import resolve_model_path
+
+    with pytest.raises(ModelError, match=r"model.path='.*nope.gguf': no such GGUF file"):
+        resolve_model_path(str(tmp_path / "nope.gguf"))

@@ -271,7 +271,7 @@ def run_rl(config) -> Run:
     if ref_path is not None:
         check_model_path(ref_path, "model.ref_path")
     run = start_run(config, "rl")
-    trainer, algo, rollout, d = config.trainer, config.algo, config.rollout, run.dist
+    trainer, rollout, d = config.trainer, config.rollout, run.dist
     if trainer.batch_size < d.world:
         raise ConfigError(f"trainer.batch_size={trainer.batch_size} gives some of the {d.world} ranks no prompt")
     reference = None
@@ -283,6 +283,17 @@ def run_rl(config) -> Run:
         from thinkless.train.vllm_rollout import VLLMRollout
 
         engine = VLLMRollout(str(run.resumed_from or resolve_model_path(config.model.path)), run)
+    try:
+        _train(run, config, examples, val_examples, reference, engine)
+    finally:
+        if engine is not None:
+            engine.close()
+    return run
+
+
+def _train(run: Run, config, examples: list, val_examples: dict, reference, engine) -> None:
+    """The RL steps from the run's next one to trainer.total_steps."""
+    trainer, algo, rollout, d = config.trainer, config.algo, config.rollout, run.dist
     run.ready()
     if val_examples and run.step == 0:  # the authors' val_before_train: where the curves start
         run.metrics.log(0, _validation(run, config, 0, val_examples, engine))
@@ -382,4 +393,3 @@ def run_rl(config) -> Run:
         if step % trainer.save_every == 0 or step == trainer.total_steps:
             run.save(step)
     run.metrics.close()
-    return run

