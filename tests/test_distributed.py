@@ -130,8 +130,8 @@ def test_two_rank_rl_with_the_vllm_engine(base, tmp_path):
     rows = [json.loads(line) for line in (base / "vllm" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["samples"] == 3 * 4 for r in rows)
     assert all(r["rollout_logp_diff"] < 1e-4 and r["is_weight_mean"] == pytest.approx(1.0, abs=1e-3) for r in rows)
-    step = [["apply_model"], ["reset_prefix_cache"], ["generate"], ["sleep", 2]]
-    wake = [["wake_up", ["weights"]], ["apply_model"], ["wake_up", ["kv_cache"]], ["reset_prefix_cache"]]
+    step = [["reload_weights"], ["reset_prefix_cache"], ["generate"], ["sleep", 2]]
+    wake = [["wake_up", ["weights"]], ["reload_weights"], ["wake_up", ["kv_cache"]], ["reset_prefix_cache"]]
     for rank in (0, 1):
         record = json.loads((calls / f"rank{rank}.json").read_text())
         assert record["calls"] == step + wake + step[2:]
