@@ -4,7 +4,7 @@
 vLLM cannot be installed where these tests run. The stand-in keeps the behaviour the engine relies on and checks
 its side of the contract: it loads its own weights from the model folder (not the trainer's object), generation
 asserts that weights and KV cache are awake, a level-2 sleep turns its weights to NaN (vLLM discards them), weights
-arrive only through the model's `load_weights` under HF names, and log-probs are those of the processed
+arrive only through the worker's `reload_weights` under HF names, and log-probs are those of the processed
 distribution (after temperature and top-p) when `logprobs_mode="processed_logprobs"`.
 """
 
@@ -73,7 +73,6 @@ class _EngineModel:
 class LLM:
     instances: list[LLM] = []
     include_stop_token = True  # vLLM keeps a stop token in token_ids; False tests the engine's fallback
-    has_reload_weights = True  # vLLM >= 0.32; False: an older worker, synced through apply_model(load_weights)
     sleep_mode = True  # the platform's is_sleep_mode_available() (False: vLLM's CPU build)
 
     def __init__(self, model: str, **kwargs):
@@ -111,10 +110,11 @@ class LLM:
         return [func(_EngineModel(self.model))]
 
     def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
-        """The worker's reload_weights (vLLM >= 0.32): HF-named weights, checkpoint format; older workers lack it."""
+        """The worker's reload_weights (vLLM >= 0.32): HF-named weights, checkpoint format. vLLM raises
+        NotImplementedError for a method its worker lacks."""
         kwargs = kwargs or {}
-        if method != "reload_weights" or not LLM.has_reload_weights:
-            raise AttributeError(f"'Worker' object has no attribute {method!r}")
+        if method != "reload_weights":
+            raise NotImplementedError(f"Method {method!r} is not implemented.")
         assert self.weights_awake, "weights written while asleep"
         assert kwargs.get("is_checkpoint_format", True), "HF-named weights are in checkpoint format"
         self.calls.append(("reload_weights",))

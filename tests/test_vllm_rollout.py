@@ -58,22 +58,18 @@ def test_outputs_become_rollouts_in_the_trainers_layout():
     assert logp[0, 4:].eq(0).all()  # padding
 
 
-@pytest.mark.parametrize(
-    ("include_stop", "reload", "sleep"),
-    [(True, True, True), (False, True, True), (True, False, True), (True, True, False)],
-)
-def test_rl_with_the_vllm_engine(workdir, monkeypatch, include_stop, reload, sleep, capsys):  # noqa: F811
+@pytest.mark.parametrize(("include_stop", "sleep"), [(True, True), (False, True), (True, False)])
+def test_rl_with_the_vllm_engine(workdir, monkeypatch, include_stop, sleep, capsys):  # noqa: F811
     """Two RL steps through the engine: it samples from the policy's current weights (its log-probs equal the
     trainer's, which they could not after an update, or after a level-2 sleep, without the sync), sleeps while
-    the policy trains, and is configured as the trainer needs. Weights go through the worker's reload_weights, or
-    the model's load_weights on a vLLM without it; a platform without sleep mode keeps the engine awake."""
+    the policy trains, and is configured as the trainer needs. Weights go through the worker's reload_weights; a
+    platform without sleep mode keeps the engine awake."""
     fake_vllm.install(monkeypatch)
     monkeypatch.setattr(fake_vllm.LLM, "include_stop_token", include_stop)
-    monkeypatch.setattr(fake_vllm.LLM, "has_reload_weights", reload)
     monkeypatch.setattr(fake_vllm.LLM, "sleep_mode", sleep)
     from thinkless.train.rl import run_rl
 
-    out = workdir / f"vllm-{include_stop}-{reload}-{sleep}"
+    out = workdir / f"vllm-{include_stop}-{sleep}"
     settings = ["trainer.total_steps=2", "rollout.engine=vllm", "algo.is_correction=true", "rollout.max_new_tokens=8"]
     settings += [f"model.path={_sft(workdir)}", "trainer.device=cpu"]  # fp32 anywhere: the stand-in samples in fp32
     config = _config(workdir, "rl", f"trainer.output_dir={out}", *settings)
@@ -87,7 +83,7 @@ def test_rl_with_the_vllm_engine(workdir, monkeypatch, include_stop, reload, sle
     assert kw["logprobs_mode"] == "processed_logprobs" and kw["skip_tokenizer_init"]
     assert kw["enable_sleep_mode"] is sleep
     assert kw["dtype"] == "float32" and kw["max_model_len"] == config.data.max_prompt_tokens + 8
-    sync = ("reload_weights",) if reload else ("apply_model",)
+    sync = ("reload_weights",)
     if not sleep:
         assert llm.calls == [sync, ("reset_prefix_cache",), ("generate",)] * 2
         assert "this platform has no vLLM sleep mode" in capsys.readouterr().out

@@ -89,6 +89,12 @@ def init_distributed(device_name: str = "auto") -> Dist:
     return _CURRENT
 
 
+def ended() -> None:
+    """The process group was destroyed by someone else (vLLM's shutdown under external_launcher): forget it."""
+    global _CURRENT
+    _CURRENT = Dist()
+
+
 def shutdown() -> None:
     """Leave the process group before exit: gloo's threads abort the process ("terminate called without an active
     exception") when the interpreter exits with the group still up."""

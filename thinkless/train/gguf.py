@@ -7,8 +7,9 @@ model and tokenizer saved once into a cache folder keyed by the file's path, siz
 
     <cache>/<stem>-<hash>/    config.json, model.safetensors, tokenizer files, gguf.json (where it came from)
 
-The cache is `$THINKLESS_CACHE` or `~/.cache/thinkless`, under `gguf/`. The folder is written to `<name>.tmp` and
-renamed when whole, so an interrupted conversion is redone, never half-used.
+The cache is `$THINKLESS_CACHE` or `~/.cache/thinkless`, under `gguf/`. Each process writes into a temporary folder
+of its own and renames it when whole, so an interrupted conversion is redone, never half-used, and ranks converting
+at once do not collide.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 
@@ -68,11 +70,20 @@ def convert_gguf(path: str | Path, cache: str | Path | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "gguf.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    # Every process converts into a folder of its own and renames it into place; under torchrun all ranks may
+    # convert at once, and the first rename wins (the others drop their copy and use it).
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=f"{folder.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "gguf.json").write_text(json.dumps({"gguf": str(gguf.resolve()), "size": gguf.stat().st_size}))
+        if folder.exists() and not (folder / "gguf.json").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a folder nobody finished: never a complete one
+        os.rename(tmp, folder)
+    except OSError:
+        if not (folder / "gguf.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

@@ -285,9 +285,15 @@ def run_rl(config) -> Run:
         engine = VLLMRollout(str(run.resumed_from or resolve_model_path(config.model.path)), run)
     try:
         _train(run, config, examples, val_examples, reference, engine)
-    finally:
+    except BaseException:
         if engine is not None:
-            engine.close()
+            try:
+                engine.close()
+            except Exception as err:  # the training error is the one to see
+                print(f"thinkless: the vLLM engine did not shut down cleanly: {err}")
+        raise
+    if engine is not None:
+        engine.close()
     return run
 
 

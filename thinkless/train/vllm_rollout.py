@@ -2,12 +2,12 @@
 
 Each rank runs its own vLLM engine in its own process, on its own GPU, beside the policy:
 - **in process**: `VLLM_ENABLE_V1_MULTIPROCESSING=0` on one rank, `distributed_executor_backend="external_launcher"`
-  under torchrun, so `apply_model` reaches the engine's model object and weights pass by reference, not by copy;
+  under torchrun, so `collective_rpc` reaches the engine's worker and weights pass by reference, not by copy;
 - **weights synced before every generation**: the policy's full state (gathered from the FSDP2 shards on several
   ranks) goes to the worker's `reload_weights` (HF parameter names, checkpoint format), then the prefix cache is
   reset. `reload_weights` (vLLM >= 0.32) restores the layers' checkpoint layout, loads, and processes the weights
   again; the model's bare `load_weights` fails once a backend has repacked its weights after loading (the CPU
-  backend does: "'Parameter' object has no attribute 'weight_loader'"), so it is only the fallback for older vLLM;
+  backend does: "'Parameter' object has no attribute 'weight_loader'");
 - **memory freed while the policy trains** (`rollout.vllm_sleep`): after sampling the engine sleeps at level 2 (its
   weights and KV cache released: the next sync rewrites every weight anyway); before sampling it wakes its weights,
   takes the new ones, then wakes its KV cache. Platforms without sleep mode (vLLM's CPU build) keep their memory,
@@ -22,6 +22,7 @@ Written against vLLM's `LLM` API as of 0.32 / 0.33 (`collective_rpc("reload_weig
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 
@@ -81,10 +82,23 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
 
     def close(self) -> None:
-        """Shut the engine down now, while the process groups it made still exist: its own exit hook runs after
-        the trainer's `dist.shutdown` and would find them gone ("Invalid process group specified" at exit)."""
+        """Shut the engine down now, while the process groups it uses still exist: its own exit hook runs after
+        the trainer's `dist.shutdown` and would find them gone ("Invalid process group specified" at exit).
+
+        Under torchrun (external_launcher) vLLM runs on the trainer's default process group and its shutdown
+        destroys that group too: every rank first meets at a barrier (so none is still in a collective), and the
+        trainer's distributed state is then marked as ended (`dist.shutdown` has nothing left to do)."""
         client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if client is not None and hasattr(client, "shutdown"):
+        if client is None or not hasattr(client, "shutdown"):
+            return
+        if self.dist.world > 1:
+            from thinkless.train import dist
+
+            gc.collect()  # the FSDP modules' reference cycles hold the group (see dist.shutdown)
+            dist.current().barrier()
+            client.shutdown()
+            dist.ended()
+        else:
             client.shutdown()
 
     def sleep(self) -> None:
@@ -126,14 +140,10 @@ def sleep_mode_available() -> bool:
 
 
 def load_weights(llm, weights: list) -> None:
-    """HF-named weights into the engine's model, in place: the worker's `reload_weights` (checkpoint format in,
-    the backend's own processing after), or for a vLLM without it, the model's `load_weights`."""
-    try:
-        llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
-    except AttributeError as err:  # raised in the worker when it has no reload_weights (vLLM < 0.32)
-        if "reload_weights" not in str(err):
-            raise
-        llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
+    """HF-named weights into the engine's model, in place, through the worker's `reload_weights` (vLLM >= 0.32:
+    checkpoint format in, the backend's own processing after). In process (one rank, or external_launcher under
+    torchrun) the call runs on the worker directly: the tensors are passed by reference, not pickled."""
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
 
 
 def response_of(completion, stops: list[int], eos: int) -> tuple[list[int], list[float]]:
