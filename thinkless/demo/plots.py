@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# Trailing moving average (shared with `thinkless-train plot`): each RL step sees only 4-5 prompts of a level.
+from thinkless.train.plot import smooth
+
 FIGURES = {
     "think_ratio": ("think_ratio.png", "share of samples that open with <think>", (0.0, 1.0)),
     "acc": ("accuracy.png", "accuracy of the samples", (0.0, 1.0)),
@@ -20,15 +23,6 @@ def read_metrics(path: Path) -> list[dict]:
         except ValueError:
             continue  # a line an interruption cut short
     return rows
-
-
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average: each RL step sees only 4-5 prompts of a level, 8 samples each."""
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1) : i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
 
 
 def plot_metrics(metrics: Path, levels: list[str], out_dir: Path, title: str = "") -> list[Path]:

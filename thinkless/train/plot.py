@@ -62,6 +62,7 @@ def read_rows(run_dir: str | Path) -> list[dict]:
 
 
 def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over `window` steps (a step's figures come from a few prompts)."""
     out = []
     for i in range(len(values)):
         chunk = values[max(0, i - window + 1) : i + 1]
