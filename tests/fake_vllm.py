@@ -129,13 +129,17 @@ class LLM:
         assert self.weights_awake and self.kv_awake, "generate on a sleeping engine"
         self.calls.append(("generate",))
         results = []
-        for i, prompt in enumerate(prompts):
+        each = params if isinstance(params, list) else [params] * len(prompts)  # vLLM: one, or one per prompt
+        assert len(each) == len(prompts), "one SamplingParams per prompt"
+        for i, (prompt, p) in enumerate(zip(prompts, each, strict=True)):
             ids = list(prompt["prompt_token_ids"])
-            outputs = [self._sample(ids, params, k) for k in range(params.n)]
+            # A request with a seed samples from its own stream (vLLM's per-request generator), else the engine's.
+            generator = self.generator if p.seed is None else torch.Generator().manual_seed(p.seed)
+            outputs = [self._sample(ids, p, k, generator) for k in range(p.n)]
             results.append(RequestOutput(str(i), ids, outputs))
         return results
 
-    def _sample(self, prompt: list[int], params: SamplingParams, index: int) -> CompletionOutput:
+    def _sample(self, prompt: list[int], params: SamplingParams, index: int, generator) -> CompletionOutput:
         tokens, logprobs, finish, stop = [], [], "length", None
         for _ in range(params.max_tokens):
             logits = self.model(torch.tensor([prompt + tokens])).logits[0, -1].double() / params.temperature
@@ -147,7 +151,7 @@ class LLM:
             logp = logits.log_softmax(-1)
             if self.kwargs.get("logprobs_mode", "raw_logprobs") != "processed_logprobs":
                 logp = (logits * params.temperature).log_softmax(-1)  # raw: before temperature (and top-p)
-            token = int(torch.multinomial(logp.exp().float(), 1, generator=self.generator))
+            token = int(torch.multinomial(logp.exp().float(), 1, generator=generator))
             tokens.append(token)
             logprobs.append({token: Logprob(float(logp[token]), rank=1)})
             if token in (params.stop_token_ids or []):

@@ -214,3 +214,81 @@ def test_eval_on_the_trained_model(work, warmup):
     (report,) = run_eval(config)
     assert report["n"] == 4 * 2 * 2 and (out / "eval" / "table.md").is_file()
     assert 0 <= report["think_ratio"] <= 1 and report["mean_tokens"] > 0
+
+
+@pytest.fixture(scope="module")
+def distilled(work, tmp_path_factory):
+    """`distill` on real MATH problems: the short answers sampled by the real SmolLM2 (through the real vLLM when it
+    is installed), the think answers from a file of traces (SmolLM2 writes no </think>), one MATH-500 problem
+    mixed in. The traces: right on problems 0-3, no </think> on 4, a wrong box on 5, none for 6-7."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("distill")
+    rows = json.loads((tiny.DATA / "math_train.json").read_text())
+    easy = [r for r in rows if r["answer"] and r["difficulty"] == 1.0 and len(r["problem"]) < 90][:8]
+    leaked = json.loads((tiny.DATA / "math500.json").read_text())[0]
+    (root / "problems.json").write_text(json.dumps([*easy[:4], leaked, *easy[4:]]))
+    worked = "<think>\nWorking it through.\n</think>\n\n$\\boxed{{{}}}$"
+    traces = [{"problem": r["problem"], "response": worked.format(r["answer"])} for r in easy[:4]]
+    traces += [{"problem": easy[4]["problem"], "response": f"<think>\nso $\\boxed{{{easy[4]['answer']}}}$"},
+               {"problem": easy[5]["problem"], "response": "<think>\nhm\n</think>\n$\\boxed{123456}$"}]  # fmt: skip
+    (root / "traces.jsonl").write_text("".join(json.dumps(t) + "\n" for t in traces))
+    out = root / "hybrid"
+    settings = [f"data.train_files=[{root / 'problems.json'}]", f"data.val_files=[{tiny.DATA / 'math500.json'}]",
+                f"distill.think_file={root / 'traces.jsonl'}", f"distill.short_model={gguf_file()}",
+                "distill.short_n=2", "distill.short_max_tokens=32", "distill.shard_size=4", "trainer.device=cpu",
+                "data.max_prompt_tokens=256", f"trainer.output_dir={out}",
+                *(["rollout.engine=vllm", "rollout.vllm_gpu_memory_utilization=0.2"] if HAS_VLLM else [])]  # fmt: skip
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    proc = subprocess.run([sys.executable, "-m", "thinkless.train.cli", "distill", *settings], capture_output=True,
+                          text=True, timeout=900, env=env)  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return {"out": out, "easy": easy}
+
+
+def test_distill_with_the_real_model_verifies_what_it_keeps(distilled):
+    from thinkless.train.rewards import mode_of_text, score
+
+    out, easy = distilled["out"], distilled["easy"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["problems"]["contaminated"] == {str(tiny.DATA / "math500.json"): 1}
+    assert report["problems"]["used"] == 8
+    think, short = report["models"]["think"], report["models"]["short"]
+    assert (think["samples"], think["correct"], think["format_error"], think["wrong"]) == (6, 4, 1, 1)
+    assert short["samples"] == 16 and short["source"].endswith(".gguf")
+    shards = [json.loads((out / "short" / f"part-0000{k}.json").read_text())["samples"] for k in range(2)]
+    samples = [s for shard in shards for per in shard for s in per]
+    assert len(samples) == 16 and all(r.startswith("<short>\n") for r, _ in samples)
+    rows = [json.loads(line) for line in (out / "hybrid.jsonl").read_text().splitlines()]
+    answers = {r["problem"]: r["answer"] for r in easy}
+    for row in rows:  # every kept row is right by the RL reward, its mode first
+        mode = mode_of_text(row["response"])
+        assert score(row["response"], answers[row["problem"]], mode, load_config().rewards).correct
+    kept_think = [r["problem"] for r in rows if r["response"].startswith("<think>")]
+    assert kept_think == [r["problem"] for r in easy[:4]]
+    assert report["kept_rows"]["short"] == short["problems_solved"]  # keep_per_mode=1
+    assert (out / "lengths.png").is_file()
+
+
+def test_sft_on_the_distilled_file_and_the_hf_engine_on_both_sides(work, distilled):
+    """`sft` reads the distilled file as it is; and the HF engine samples both sides from the real model (its own
+    chat template; none of its think answers closes </think>, so none is kept)."""
+    from thinkless.train.distill import run_distill
+    from thinkless.train.sft import run_sft
+
+    out = work / "sft-distilled"
+    run_sft(_config(work, f"model.path={gguf_file()}", f"data.train_files=[{distilled['out'] / 'hybrid.jsonl'}]",
+                    f"trainer.output_dir={out}", "trainer.total_steps=2", "trainer.batch_size=4",
+                    "data.max_length=256"))  # fmt: skip
+    rows = _rows(out)
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["tokens"] > 0 for r in rows)
+    hf = work / "distill-hf"
+    report = run_distill(_config(work, f"data.train_files=[{distilled['out'].parent / 'problems.json'}]",
+                                 f"distill.think_model={gguf_file()}", f"distill.short_model={gguf_file()}",
+                                 "distill.think_max_tokens=24", "distill.short_max_tokens=24", "distill.limit=4",
+                                 f"trainer.output_dir={hf}"))  # fmt: skip
+    assert report["models"]["think"]["samples"] == 4 and report["models"]["think"]["correct"] == 0
+    think = json.loads((hf / "think" / "part-00000.json").read_text())["samples"]
+    assert all(r.startswith("<think>\n") and v in ("format_error", "truncated") for per in think for r, v in per)

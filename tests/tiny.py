@@ -83,3 +83,32 @@ def make_model(folder: Path, tokenizer, *, seed: int = 0, hidden: int = 32, laye
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def teach(folder: Path, pairs: list[tuple[str, str]], *, steps: int = 300, lr: float = 3e-3, seed: int = 0):
+    """Train the model in `folder` to answer each prompt (a chat-formatted string) with its response (then EOS),
+    in place: a teacher whose answers are known in advance, for the distill stage's tests."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    rows = []
+    for prompt, response in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append((p + r, [-100] * len(p) + r))
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i, _ in rows])
+    labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    return float(loss.detach())

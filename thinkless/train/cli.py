@@ -1,6 +1,6 @@
 """`thinkless-train`: the command-line entry point.
 
-    thinkless-train {sft,rl,eval,demo} [--config FILE.yaml] [key=value ...]
+    thinkless-train {distill,sft,rl,eval,demo} [--config FILE.yaml] [key=value ...]
     thinkless-train plot RUN_DIR         # think ratio, accuracy, length and reward per RL step, as PNGs
     thinkless-train                      # the demo: a tiny model learns when to think, on CPU, in minutes
 
@@ -38,15 +38,22 @@ def _run_eval(config):
     run_eval(config)
 
 
+def _run_distill(config):
+    from thinkless.train.distill import run_distill
+
+    run_distill(config)
+
+
 def _run_demo(config):
     from thinkless.demo.run import run_demo
 
     run_demo(config)
 
 
-RUNNERS = {"sft": _run_sft, "rl": _run_rl, "eval": _run_eval, "demo": _run_demo}
+RUNNERS = {"distill": _run_distill, "sft": _run_sft, "rl": _run_rl, "eval": _run_eval, "demo": _run_demo}
 
 STAGES = {
+    "distill": "the warm-up data: each problem answered by a reasoning and an instruct model, verified, as SFT rows",
     "sft": "warm-up distillation on hybrid <short>/<think> data",
     "rl": "reinforcement learning with DeGRPO",
     "eval": "accuracy, think ratio and response length on validation files",

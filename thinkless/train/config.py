@@ -158,6 +158,34 @@ class EvalConfig:
 
 
 @dataclass
+class DistillConfig:
+    think_model: str = _key("", "the reasoning model that writes the <think> answers (hub id, folder or .gguf)")
+    think_file: str = _key(
+        "", "instead of think_model: existing long responses keyed by problem (json, jsonl or parquet)"
+    )
+    think_problem_key: str = _key(
+        "auto", "think_file: the problem column; auto: problem, question, else the user turn of conversations/messages"
+    )
+    think_response_key: str = _key(
+        "auto", "think_file: the response column; auto: response, else the assistant turn of conversations/messages"
+    )
+    short_model: str = _key("", "the instruct model that writes the <short> answers (hub id, folder or .gguf)")
+    think_n: int = _key(1, "think_model: samples per problem")
+    think_temperature: float = _key(0.6, "think_model: sampling temperature")
+    think_top_p: float = _key(0.95, "think_model: nucleus sampling")
+    think_max_tokens: int = _key(16384, "think_model: longest response; a longer one is cut off and dropped")
+    short_n: int = _key(1, "short_model: samples per problem")
+    short_temperature: float = _key(0.6, "short_model: sampling temperature")
+    short_top_p: float = _key(0.95, "short_model: nucleus sampling")
+    short_max_tokens: int = _key(2048, "short_model: longest response; a longer one is cut off and dropped")
+    keep_per_mode: int = _key(1, "correct responses kept per problem and mode, the first sampled; 0: all")
+    require_both: bool = _key(False, "keep only problems with a correct answer in both modes")
+    shard_size: int = _key(256, "problems per shard: the unit of work written at once, and of resuming")
+    limit: int = _key(0, "only the first N problems (after dedup and the contamination guard); 0: all")
+    format: str = _key("jsonl", "the hybrid file's format: jsonl or parquet")
+
+
+@dataclass
 class DemoConfig:
     levels: int = _key(5, "demo only: difficulty levels (1..levels digits per operand)")
     mix: str = _key("3,1", "demo only: RL problems per level, easiest first, the last repeating (3x more 1-digit)")
@@ -176,6 +204,7 @@ SECTIONS = {
     "rewards": RewardsConfig,
     "trainer": TrainerConfig,
     "eval": EvalConfig,
+    "distill": DistillConfig,
     "demo": DemoConfig,
 }
 
@@ -189,6 +218,7 @@ class Config:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def to_dict(self) -> dict:
@@ -320,6 +350,12 @@ def validate(config: Config) -> None:
         ("trainer.val_every", t.val_every, 0), ("trainer.val_n", t.val_n, 1),
         ("eval.limit", config.eval.limit, 0),
         ("data.max_prompt_tokens", config.data.max_prompt_tokens, 1), ("data.max_length", config.data.max_length, 2),
+        ("distill.think_n", config.distill.think_n, 1), ("distill.short_n", config.distill.short_n, 1),
+        ("distill.think_max_tokens", config.distill.think_max_tokens, 1),
+        ("distill.short_max_tokens", config.distill.short_max_tokens, 1),
+        ("distill.keep_per_mode", config.distill.keep_per_mode, 0),
+        ("distill.shard_size", config.distill.shard_size, 1),
+        ("distill.limit", config.distill.limit, 0),
         ("demo.levels", config.demo.levels, 1), ("demo.warmup_steps", config.demo.warmup_steps, 0),
         ("demo.warmup_batch_size", config.demo.warmup_batch_size, 1),
         ("demo.eval_problems", config.demo.eval_problems, 1), ("demo.hidden_size", config.demo.hidden_size, 8),
@@ -327,11 +363,14 @@ def validate(config: Config) -> None:
         _at_least(name, value, low)
     _at_least("rollout.temperature", r.temperature, 0, strict=True)
     _at_least("algo.lr", a.lr, 0, strict=True)
+    _at_least("distill.think_temperature", config.distill.think_temperature, 0, strict=True)
+    _at_least("distill.short_temperature", config.distill.short_temperature, 0, strict=True)
     _at_least("demo.warmup_lr", config.demo.warmup_lr, 0, strict=True)
     _at_least("algo.max_grad_norm", a.max_grad_norm, 0, strict=True)
     _at_least("algo.is_cap", a.is_cap, 0, strict=True)
     for name, value in [
         ("rollout.top_p", r.top_p), ("rollout.vllm_gpu_memory_utilization", r.vllm_gpu_memory_utilization),
+        ("distill.think_top_p", config.distill.think_top_p), ("distill.short_top_p", config.distill.short_top_p),
     ]:  # fmt: skip
         if not 0 < value <= 1:
             raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
@@ -349,6 +388,7 @@ def validate(config: Config) -> None:
         "data.answer_format": (config.data.answer_format, ("auto", "plain", "gsm8k", "boxed")),
         "eval.force_mode": (config.eval.force_mode, ("", "short", "think")),
         "eval.scoring": (config.eval.scoring, ("rl", "authors")),
+        "distill.format": (config.distill.format, ("jsonl", "parquet")),
         "rollout.engine": (r.engine, ("hf", "vllm")),
         "algo.lr_scheduler": (a.lr_scheduler, ("constant", "cosine", "linear")),
         "trainer.report_to": (t.report_to, ("none", "tensorboard", "wandb")),

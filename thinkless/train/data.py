@@ -184,22 +184,62 @@ def _files(files: list[str], what: str) -> list[str]:
     return files
 
 
-def load_problems(files: list[str], tokenizer, config, what: str = "data.train_files") -> list[Example]:
-    """RL / eval examples from `config.data` (problem_key, answer_key, answer_format, filter, instruction)."""
-    data = config.data
-    files = _files(files, what)
+@dataclass(frozen=True)
+class Problem:
+    """A problem as its file holds it: the text, the reference final answer, and where it came from."""
+
+    problem: str
+    answer: str
+    source: str  # "<file>:<row>"
+    tag: str = ""
+
+
+def read_problems(
+    files: list[str], data, what: str = "data.train_files", unanswered: list[str] | None = None
+) -> list[Problem]:
+    """The problems of these files by `data` (problem_key, answer_key, answer_format, filter_key/values, tag_key),
+    every row checked. `unanswered`: a list that collects the rows without an answer (null, missing or empty), which are
+    then skipped instead of stopping the run (the distill stage: nothing to verify them against)."""
     out = []
-    for file in files:
+    for file in _files(files, what):
         for i, row in _kept(read_rows(file), file, data):
             where = f"{file}: row {i}"
             _, problem = _field(row, "problem_key", data.problem_key, where)
+            value = row.get(_column(row, "answer_key", data.answer_key))
+            if unanswered is not None and (value is None or (isinstance(value, str) and not value.strip())):
+                unanswered.append(where)
+                continue
             column, text = _field(row, "answer_key", data.answer_key, where)
             fallback = data.answer_key == "auto" and column != AUTO_KEYS["answer_key"][0]  # a whole solution
             answer = final_answer(text, data.answer_format, where, column, solution=fallback)
             tag = _text(row, data.tag_key, where) if data.tag_key else ""
-            prompt = chat_prompt(tokenizer, user_turn(problem, data.instruction, data.instruction_position))
-            out.append(Example(prompt=prompt, answer=answer, source=f"{file}:{i}", tag=tag))
+            out.append(Problem(problem, answer, f"{file}:{i}", tag))
     return out
+
+
+def read_problem_texts(files: list[str], data, what: str) -> list[tuple[str, str]]:
+    """(source, problem text) of every row of these files, by `data.problem_key` alone: a file read only for its
+    problems (the distill stage's contamination guard) needs no answer column."""
+    out = []
+    for file in _files(files, what):
+        for i, row in enumerate(read_rows(file)):
+            where = f"{file}: row {i}"
+            out.append((f"{file}:{i}", _field(row, "problem_key", data.problem_key, where)[1]))
+    return out
+
+
+def load_problems(files: list[str], tokenizer, config, what: str = "data.train_files") -> list[Example]:
+    """RL / eval examples from `config.data` (problem_key, answer_key, answer_format, filter, instruction)."""
+    data = config.data
+    return [
+        Example(
+            prompt=chat_prompt(tokenizer, user_turn(p.problem, data.instruction, data.instruction_position)),
+            answer=p.answer,
+            source=p.source,
+            tag=p.tag,
+        )  # fmt: skip
+        for p in read_problems(files, data, what)
+    ]
 
 
 def load_sft(files: list[str], tokenizer, config) -> list[Example]:

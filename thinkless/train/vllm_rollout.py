@@ -37,10 +37,6 @@ class VLLMRollout:
     """A colocated vLLM engine that samples `rollout.n` responses per prompt from the current policy."""
 
     def __init__(self, model_path: str, run):
-        try:
-            import vllm
-        except ImportError:
-            raise ConfigError("rollout.engine=vllm needs the vllm package: pip install 'thinkless[vllm]'") from None
         config, d = run.config, run.dist
         grown = run.model.get_input_embeddings().weight.shape[0]
         from transformers import AutoConfig
@@ -52,22 +48,12 @@ class VLLMRollout:
                 f"to {grown}; run the warm-up (sft) first and start RL from its output folder"
             )
         r = config.rollout
-        self.rollout, self.dist, self.sleeps = r, d, r.vllm_sleep and sleep_mode_available()
-        if r.vllm_sleep and not self.sleeps and d.is_main:
-            print("thinkless: rollout.vllm_sleep: this platform has no vLLM sleep mode; the engine keeps its memory")
-        if d.world == 1:  # the engine in this process (forced: in a subprocess the weights would be pickled)
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        self.llm = vllm.LLM(
-            model=model_path,
-            skip_tokenizer_init=True,  # prompts go in as token ids; texts are decoded by the trainer's tokenizer
-            dtype=str(next(run.model.parameters()).dtype).removeprefix("torch."),
-            gpu_memory_utilization=r.vllm_gpu_memory_utilization,
-            enable_sleep_mode=self.sleeps,
-            max_model_len=config.data.max_prompt_tokens + r.max_new_tokens,
-            seed=config.trainer.seed + d.rank,
-            logprobs_mode="processed_logprobs",
-            distributed_executor_backend="external_launcher" if d.world > 1 else None,
-        )
+        self.rollout, self.dist = r, d
+        self.llm, self.sleeps = start_engine(
+            model_path, r, dtype=str(next(run.model.parameters()).dtype).removeprefix("torch."),
+            max_model_len=config.data.max_prompt_tokens + r.max_new_tokens, seed=config.trainer.seed + d.rank,
+            world=d.world, report=d.is_main,
+        )  # fmt: skip
         self.awake = True
 
     def sync(self, model) -> None:
@@ -82,24 +68,7 @@ class VLLMRollout:
         self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
 
     def close(self) -> None:
-        """Shut the engine down now, while the process groups it uses still exist: its own exit hook runs after
-        the trainer's `dist.shutdown` and would find them gone ("Invalid process group specified" at exit).
-
-        Under torchrun (external_launcher) vLLM runs on the trainer's default process group and its shutdown
-        destroys that group too: every rank first meets at a barrier (so none is still in a collective), and the
-        trainer's distributed state is then marked as ended (`dist.shutdown` has nothing left to do)."""
-        client = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
-        if client is None or not hasattr(client, "shutdown"):
-            return
-        if self.dist.world > 1:
-            from thinkless.train import dist
-
-            gc.collect()  # the FSDP modules' reference cycles hold the group (see dist.shutdown)
-            dist.current().barrier()
-            client.shutdown()
-            dist.ended()
-        else:
-            client.shutdown()
+        close_engine(self.llm, self.dist.world)
 
     def sleep(self) -> None:
         if self.sleeps and self.awake:
@@ -109,25 +78,86 @@ class VLLMRollout:
     @torch.no_grad()
     def generate(self, model, tokenizer, prompts: list[str]) -> Rollouts:
         """`rollout.n` samples per prompt from `model`'s current weights; the engine sleeps again afterwards."""
-        from vllm import SamplingParams
-
-        r = self.rollout
         self.sync(model)
         stops = stop_token_ids(model, tokenizer)
-        params = SamplingParams(
-            n=r.n,
-            temperature=r.temperature,
-            top_p=r.top_p,
+        out = sample(self.llm, tokenizer, prompts, self.rollout, stops, next(model.parameters()).device)
+        self.sleep()
+        return out
+
+
+def start_engine(
+    model_path: str, rollout, *, dtype: str, max_model_len: int, seed: int, world: int = 1, report: bool = True,
+    sleep: bool | None = None,
+):  # fmt: skip
+    """A vLLM `LLM` for `model_path` in this process (one rank) or beside the other ranks (torchrun), by the
+    `rollout` settings; and whether it may sleep (`rollout.vllm_sleep`, where the platform allows it)."""
+    try:
+        import vllm
+    except ImportError:
+        raise ConfigError("rollout.engine=vllm needs the vllm package: pip install 'thinkless[vllm]'") from None
+    wanted = rollout.vllm_sleep if sleep is None else sleep
+    sleeps = wanted and sleep_mode_available()
+    if wanted and not sleeps and report:
+        print("thinkless: rollout.vllm_sleep: this platform has no vLLM sleep mode; the engine keeps its memory")
+    if world == 1:  # the engine in this process (forced: in a subprocess the weights would be pickled)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    llm = vllm.LLM(
+        model=model_path,
+        skip_tokenizer_init=True,  # prompts go in as token ids; texts are decoded by the trainer's tokenizer
+        dtype=dtype,
+        gpu_memory_utilization=rollout.vllm_gpu_memory_utilization,
+        enable_sleep_mode=sleeps,
+        max_model_len=max_model_len,
+        seed=seed,
+        logprobs_mode="processed_logprobs",
+        distributed_executor_backend="external_launcher" if world > 1 else None,
+    )
+    return llm, sleeps
+
+
+def sample(llm, tokenizer, prompts: list[str], rollout, stops: list[int], device, seeds: list[int] | None = None):
+    """`rollout.n` samples per prompt from the engine's current weights, as Rollouts. `seeds`: one per prompt,
+    each request sampled from its own seeded stream (the same samples whatever else is in the batch)."""
+    from vllm import SamplingParams
+
+    def params(seed):
+        return SamplingParams(
+            n=rollout.n,
+            temperature=rollout.temperature,
+            top_p=rollout.top_p,
             top_k=0,
-            max_tokens=r.max_new_tokens,
+            max_tokens=rollout.max_new_tokens,
             logprobs=0,
             stop_token_ids=stops,
             detokenize=False,
-        )  # fmt: skip  (no per-request seed: in process, vLLM samples from the CUDA generator the trainer seeds)
-        encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in encoded], params, use_tqdm=False)
-        self.sleep()
-        return rollouts_from_outputs(encoded, outputs, stops, tokenizer, r.n, next(model.parameters()).device)
+            seed=seed,
+        )  # fmt: skip  (no seed: in process, vLLM samples from the CUDA generator the trainer seeds)
+
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    each = params(None) if seeds is None else [params(s) for s in seeds]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids in encoded], each, use_tqdm=False)
+    return rollouts_from_outputs(encoded, outputs, stops, tokenizer, rollout.n, device)
+
+
+def close_engine(llm, world: int = 1) -> None:
+    """Shut an engine down now, while the process groups it uses still exist: its own exit hook runs after the
+    trainer's `dist.shutdown` and would find them gone ("Invalid process group specified" at exit).
+
+    Under torchrun (external_launcher) vLLM runs on the trainer's default process group and its shutdown destroys
+    that group too: every rank first meets at a barrier (so none is still in a collective), and the trainer's
+    distributed state is then marked as ended (`dist.shutdown` has nothing left to do)."""
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if client is None or not hasattr(client, "shutdown"):
+        return
+    if world > 1:
+        from thinkless.train import dist
+
+        gc.collect()  # the FSDP modules' reference cycles hold the group (see dist.shutdown)
+        dist.current().barrier()
+        client.shutdown()
+        dist.ended()
+    else:
+        client.shutdown()
 
 
 def sleep_mode_available() -> bool:
