@@ -112,7 +112,7 @@ def test_distill_keeps_exactly_the_verified_answers(setup, finished):
     think, short = report["models"]["think"], report["models"]["short"]
     assert (think["correct"], think["wrong"], think["format_error"], think["samples"]) == (4, 2, 2, 8)
     assert (short["correct"], short["wrong"], short["accuracy"]) == (5, 3, 5 / 8)
-    assert report["tokens"]["think"]["n"] == 4 and report["tokens"]["short"]["n"] == 5
+    assert report["tokens"]["think"]["counted"] == 4 and report["tokens"]["short"]["counted"] == 5
     assert (finished / "lengths.png").stat().st_size > 1000 and "| <think> |" in (finished / "report.md").read_text()
     shards = sorted(p.name for p in (finished / "data").iterdir())
     assert shards == ["part-00000.jsonl", "part-00001.jsonl", "part-00002.jsonl"]
@@ -371,3 +371,23 @@ def test_sft_rows_keep_per_mode():
     config = load_config()
     assert [r["response"] for r in sft_rows(problems, think, short, config.distill)[0]] == ["t1", "s1"]
     assert os.path.basename(distill_mod.__file__) == "distill.py"
+
+
+def test_length_sample_stays_evenly_spread_and_bounded(tmp_path):
+    """Token lengths of a million rows are a sample: with a cap of 4, the rows counted are every stride-th, the
+    stride doubling as rows come, whatever the shard sizes."""
+    from thinkless.train.distill_report import Tally
+
+    (tmp_path / "m").mkdir()
+    tok = tiny.make_tokenizer(tmp_path / "m")
+    config = load_config(overrides=[f"distill.short_model={tmp_path / 'm'}"])
+    rows = [{"problem": "p", "response": "<short>\n" + "1 " * i} for i in range(37)]
+    for cut in ([37], [5, 13, 19], [1] * 37):
+        tally, start = Tally(config, cap=4), 0
+        for size in cut:
+            tally.add([], [], [], rows[start : start + size])
+            start += size
+        kept = [i for i, _ in tally.lengths["short"]]
+        assert kept == list(range(0, 37, tally.stride["short"])) and 4 <= len(kept) < 8
+        lengths = dict(tally.lengths["short"])
+        assert lengths[8] == len(tok("<short>\n" + "1 " * 8, add_special_tokens=False)["input_ids"]) + 1

