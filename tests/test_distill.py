@@ -297,7 +297,8 @@ def test_think_file_layouts(tmp_path):
     ]  # fmt: skip
     path = tmp_path / "traces.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    found = read_think_file(str(path), config.distill)
+    found, problems = read_think_file(str(path), config.distill)
+    assert problems == 3 and read_think_file(str(path), config.distill, {"P two"}) == ({"P two": found["P two"]}, 3)
     assert found == {
         "P one": ["<think>\na\n</think>\n\\boxed{1}", "<think>\nagain\n</think>\n\\boxed{1}"],
         "P two": ["<think>b</think>\\boxed{2}"],

@@ -51,8 +51,7 @@ class Example:
     tag: str = ""  # RL: the value of `data.tag_key` (e.g. a level), which splits the metrics
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """All rows of a json, jsonl or parquet file, through `datasets` (as a user's own loading code would)."""
+def _table(path: str | Path):
     path = Path(path)
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
@@ -62,10 +61,27 @@ def read_rows(path: str | Path) -> list[dict]:
     import datasets
 
     try:
-        table = datasets.load_dataset(kind, data_files=str(path), split="train")
+        return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # datasets raises many types for malformed files
         raise DataError(f"{path}: cannot be read as {kind}: {type(err).__name__}: {err}") from None
-    return table.to_list()
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """All rows of a json, jsonl or parquet file, through `datasets` (as a user's own loading code would)."""
+    return _table(path).to_list()
+
+
+def iter_rows(path: str | Path):
+    """The rows of a file one by one, from `datasets`' memory-mapped table: a file of long traces larger than
+    memory is read without holding it."""
+    table = _table(path)
+    for start in range(0, len(table), 1000):
+        yield from _batch_rows(table[start : start + 1000])
+
+
+def _batch_rows(batch: dict) -> list[dict]:
+    columns = list(batch)
+    return [dict(zip(columns, values, strict=True)) for values in zip(*batch.values(), strict=True)]
 
 
 def _text(row: dict, key: str, where: str) -> str:

@@ -57,7 +57,7 @@ import torch
 from tqdm import tqdm
 
 from thinkless.train.config import ConfigError
-from thinkless.train.data import DataError, Problem, read_problem_texts, read_problems, read_rows, user_turn
+from thinkless.train.data import DataError, Problem, iter_rows, read_problem_texts, read_problems, user_turn
 from thinkless.train.model import check_model_path, load_model, resolve_device
 from thinkless.train.rewards import SHORT, THINK, THINK_END, mode_of_text, score
 
@@ -179,10 +179,13 @@ def _turn(row: dict, role: str) -> str | None:
     return None
 
 
-def read_think_file(path: str, distill) -> dict[str, list[str]]:
-    """problem key -> the file's long responses to it, in file order, normalised (`think_response`)."""
+def read_think_file(path: str, distill, wanted: set[str] | None = None) -> tuple[dict[str, list[str]], int]:
+    """problem key -> the file's long responses to it, in file order, normalised (`think_response`), for the
+    problems in `wanted` (all when None); and how many problems the file holds. Rows are read one by one: a
+    million traces are not held, only those of the problems asked for."""
     out: dict[str, list[str]] = {}
-    for i, row in enumerate(read_rows(path)):
+    problems: set[str] = set()
+    for i, row in enumerate(iter_rows(path)):
         where = f"{path}: row {i}"
         texts = []
         for setting, names, role in (
@@ -199,8 +202,11 @@ def read_think_file(path: str, distill) -> dict[str, list[str]]:
                 raise DataError(f"{where}: no text for distill.{setting} (looked for {looked}); the row has: "
                                 f"{', '.join(map(str, row)) or 'nothing'}")  # fmt: skip
             texts.append(value)
-        out.setdefault(problem_key(texts[0]), []).append(think_response(texts[1]))
-    return out
+        key = problem_key(texts[0])
+        problems.add(key)
+        if wanted is None or key in wanted:
+            out.setdefault(key, []).append(think_response(texts[1]))
+    return out, len(problems)
 
 
 # -- generation -------------------------------------------------------------------------------------------------
@@ -442,11 +448,12 @@ def run_distill(config) -> dict | None:
     problems, counts = gather_problems(config)
     think_file = None
     if config.distill.think_file:
-        think_file = read_think_file(config.distill.think_file, config.distill)
-        matched = sum(problem_key(p.problem) in think_file for p in problems)
-        counts["think_file"] = {"problems": len(think_file), "matched": matched}
+        wanted = {problem_key(p.problem) for p in problems}
+        think_file, in_file = read_think_file(config.distill.think_file, config.distill, wanted)
+        matched = len(think_file)
+        counts["think_file"] = {"problems": in_file, "matched": matched}
         if not matched:
-            raise DataError(f"{config.distill.think_file}: none of its {len(think_file)} problems is one of "
+            raise DataError(f"{config.distill.think_file}: none of its {in_file} problems is one of "
                             f"data.train_files' (matched by text, whitespace aside)")  # fmt: skip
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     out = Path(config.trainer.output_dir)
