@@ -133,9 +133,12 @@ class LLM:
         assert len(each) == len(prompts), "one SamplingParams per prompt"
         for i, (prompt, p) in enumerate(zip(prompts, each, strict=True)):
             ids = list(prompt["prompt_token_ids"])
-            # A request with a seed samples from its own stream (vLLM's per-request generator), else the engine's.
-            generator = self.generator if p.seed is None else torch.Generator().manual_seed(p.seed)
-            outputs = [self._sample(ids, p, k, generator) for k in range(p.n)]
+            # A request with a seed: its k-th sample from a stream seeded seed + k (vLLM splits a request of n samples
+            # into n children so seeded, vllm/v1/engine/parallel_sampling.py); else the engine's stream.
+            streams = [
+                self.generator if p.seed is None else torch.Generator().manual_seed(p.seed + k) for k in range(p.n)
+            ]
+            outputs = [self._sample(ids, p, k, streams[k]) for k in range(p.n)]
             results.append(RequestOutput(str(i), ids, outputs))
         return results
 

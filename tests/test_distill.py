@@ -4,7 +4,6 @@ out (verified by the RL reward's code), resuming after a kill, the contamination
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,9 @@ from thinkless.train import distill as distill_mod
 from thinkless.train.cli import main
 from thinkless.train.config import INSTRUCTION, ConfigError, load_config
 from thinkless.train.data import DataError, user_turn
-from thinkless.train.distill import (
-    gather_problems,
-    read_think_file,
-    sft_rows,
-    short_response,
-    teacher_prompt,
-    think_response,
-    verdict,
-)
+from thinkless.train.distill import gather_problems
+from thinkless.train.distill_store import sft_rows, shard_digest
+from thinkless.train.distill_teacher import read_think_file, short_response, teacher_prompt, think_response, verdict
 from thinkless.train.rewards import score
 
 WRONG = "12345"
@@ -89,6 +82,12 @@ def _expected_rows(setup) -> list[dict]:
     return out
 
 
+def _digests(setup) -> list[str]:
+    """The shard names of the run in `_args` (its 8 problems, 3 per shard)."""
+    problems, _ = gather_problems(load_config(overrides=_args(setup, Path("unused"))[1:]))
+    return [shard_digest(problems[i : i + 3]) for i in range(0, len(problems), 3)]
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -121,9 +120,9 @@ def test_distill_keeps_exactly_the_verified_answers(setup, finished):
 
 def test_a_think_answer_without_its_closing_tag_is_rejected(setup, finished):
     """Problems 0 and 1: the think teacher boxed the right answer but never closed its thinking."""
-    shard = json.loads((finished / "think" / "part-00000.json").read_text())
+    shard = json.loads((finished / "think" / f"{_digests(setup)[0]}.json").read_text())
     for i in THINK_UNCLOSED:
-        [(response, judged)] = shard["samples"][i]
+        [(response, judged)] = shard["problems"][i]["samples"]
         assert "</think>" not in response and setup["rows"][i]["answer"] in response
         assert judged == "format_error"
     rewards = load_config().rewards
@@ -131,7 +130,8 @@ def test_a_think_answer_without_its_closing_tag_is_rejected(setup, finished):
     assert verdict("<think>\nhm\n</think>\n$\\boxed{4}$", "4", True, rewards) == "correct"
     assert verdict("<think>\nhm\n</think>\n$\\boxed{4}$", "4", False, rewards) == "truncated"
     assert verdict("<short>\n$\\boxed{5}$", "4", True, rewards) == "wrong"
-    assert verdict(None, "4", True, rewards) == "format_error"
+    assert verdict("<short>\n<think>\nhm</think> $\\boxed{4}$", "4", True, rewards) == "thinking"
+    assert verdict("<short>\nno box", "4", True, rewards) == "format_error"
 
 
 def test_verification_is_the_rl_reward(monkeypatch):
@@ -142,7 +142,9 @@ def test_verification_is_the_rl_reward(monkeypatch):
         calls.append((response, reference, mode))
         return score(response, reference, mode, table)
 
-    monkeypatch.setattr(distill_mod, "score", spy)
+    from thinkless.train import distill_teacher
+
+    monkeypatch.setattr(distill_teacher, "score", spy)
     rewards = load_config().rewards
     cases = [("<think>\na\n</think>\n\\boxed{1/2}", "\\frac{1}{2}"), ("<short>\n\\boxed{0.5}", "1/2"),
              ("<think>\n\\boxed{3}", "3"), ("<short>\nno box", "3")]  # fmt: skip
@@ -162,7 +164,7 @@ def test_a_killed_run_resumes_to_the_same_rows(setup, finished, tmp_path):
         "writes, real = [0], d.os.replace\n"
         "def replace(src, dst):\n"
         "    writes[0] += 1\n"
-        "    if writes[0] == 3:\n"
+        "    if writes[0] == 4:\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    real(src, dst)\n"
         "d.os.replace = replace\n"
@@ -171,17 +173,18 @@ def test_a_killed_run_resumes_to_the_same_rows(setup, finished, tmp_path):
     )
     proc = subprocess.run([sys.executable, "-c", wrapper, *_args(setup, out)], capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert sorted(p.name for p in (out / "think").iterdir() if not p.name.startswith(".")) == [
-        "part-00000.json", "part-00001.json"
-    ]  # fmt: skip
+    digests = _digests(setup)
+    written = sorted(p.name for p in (out / "think").iterdir() if not p.name.startswith("."))
+    assert written == sorted(["settings.json", f"{digests[0]}.json", f"{digests[1]}.json"])
+    assert any(p.name.startswith(f".{digests[2]}.json.") for p in (out / "think").iterdir())  # killed mid-write
     assert not (out / "hybrid.jsonl").exists()
     sampled = []
     real = distill_mod.Teacher.sample
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(distill_mod.Teacher, "sample", lambda self, ps, s: sampled.append(self.side) or real(self, ps, s))
+        mp.setattr(distill_mod.Teacher, "sample", lambda self, *a: sampled.append(self.side) or real(self, *a))
         assert main(_args(setup, out)) == 0
     assert sampled == ["think", "short", "short", "short"]  # think shards 0 and 1 were not generated again
-    shards = [f"{side}/part-0000{k}.json" for side in ("think", "short") for k in range(3)]
+    shards = [f"{side}/{name}.json" for side in ("think", "short") for name in [*digests, "settings"]]
     for name in ["hybrid.jsonl", "report.json", *shards]:
         assert (out / name).read_bytes() == (finished / name).read_bytes(), name
     assert len({json.dumps(r) for r in _rows(out / "hybrid.jsonl")}) == len(_rows(out / "hybrid.jsonl"))
@@ -205,9 +208,8 @@ def test_more_processes_write_the_same_rows(setup, finished, tmp_path, monkeypat
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert main(_args(setup, out)) == 0
-    assert not (out / "hybrid.jsonl").exists() and sorted(p.name for p in (out / "short").iterdir()) == [
-        "part-00001.json"
-    ]  # fmt: skip
+    written = sorted(p.name for p in (out / "short").iterdir())
+    assert not (out / "hybrid.jsonl").exists() and written == sorted([f"{_digests(setup)[1]}.json", "settings.json"])
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert main(_args(setup, out)) == 0
@@ -237,7 +239,9 @@ def test_changed_settings_stop_the_run_with_the_file_named(setup, finished, tmp_
     shutil.copytree(finished, out)
     assert main(_args(setup, out, "distill.short_temperature=0.7")) == 2
     err = capsys.readouterr().err
-    assert "short/part-00000.json was written with temperature=0.3" in err and "trainer.output_dir" in err
+    assert "short/settings.json: this folder's short answers were made with temperature=0.3, this run has 0.7" in err
+    assert "trainer.output_dir" in err and "Traceback" not in err
+    assert "short_temperature: 0.3" in (out / "config.yaml").read_text()  # the refused run recorded nothing
 
 
 def test_contamination_guard_drops_math500_problems(tmp_path):
@@ -270,8 +274,10 @@ def test_responses_are_normalised_to_the_control_tokens():
     assert think_response(bespoke) == "<think>\n\nHm.\n\n</think>\n\n\n\n\\boxed{2}"
     assert short_response("  The answer is \\boxed{2}. ") == "<short>\nThe answer is \\boxed{2}."
     assert short_response("<think>\n\n</think>\n\n\\boxed{2}") == "<short>\n\\boxed{2}"  # Qwen3 without thinking
-    assert short_response("<think>\nlong</think>\\boxed{2}") is None
-    assert short_response("\\boxed{2} </think>") is None
+    assert short_response("<think>\nlong</think>\\boxed{2}") == "<short>\n<think>\nlong</think>\\boxed{2}"
+    rewards = load_config().rewards
+    assert verdict(short_response("<think>\nlong</think>\\boxed{2}"), "2", True, rewards) == "thinking"
+    assert verdict(short_response("\\boxed{2} </think>"), "2", True, rewards) == "thinking"
 
 
 def test_teacher_prompt_keeps_the_template_and_reports_an_opened_think(tmp_path):
@@ -297,8 +303,8 @@ def test_think_file_layouts(tmp_path):
     ]  # fmt: skip
     path = tmp_path / "traces.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    found, problems = read_think_file(str(path), config.distill)
-    assert problems == 3 and read_think_file(str(path), config.distill, {"P two"}) == ({"P two": found["P two"]}, 3)
+    found, problems = read_think_file(str(path), config)
+    assert problems == 3 and read_think_file(str(path), config, {"P two"}) == ({"P two": found["P two"]}, 3)
     assert found == {
         "P one": ["<think>\na\n</think>\n\\boxed{1}", "<think>\nagain\n</think>\n\\boxed{1}"],
         "P two": ["<think>b</think>\\boxed{2}"],
@@ -306,7 +312,7 @@ def test_think_file_layouts(tmp_path):
     }
     path.write_text(json.dumps({"problem": "P", "text": "x"}) + "\n")
     with pytest.raises(DataError, match=r"traces.jsonl: row 0: no text for distill.think_response_key"):
-        read_think_file(str(path), config.distill)
+        read_think_file(str(path), config)
 
 
 def test_think_file_generates_only_the_short_side(setup, tmp_path, monkeypatch):
@@ -371,7 +377,6 @@ def test_sft_rows_keep_per_mode():
     assert kept[1]["solved"] == {"think": False, "short": False}
     config = load_config()
     assert [r["response"] for r in sft_rows(problems, think, short, config.distill)[0]] == ["t1", "s1"]
-    assert os.path.basename(distill_mod.__file__) == "distill.py"
 
 
 def test_length_sample_stays_evenly_spread_and_bounded(tmp_path):
@@ -386,9 +391,92 @@ def test_length_sample_stays_evenly_spread_and_bounded(tmp_path):
     for cut in ([37], [5, 13, 19], [1] * 37):
         tally, start = Tally(config, cap=4), 0
         for size in cut:
-            tally.add([], [], [], rows[start : start + size])
+            empty = {"samples": [], "prompts_too_long": 0}
+            tally.add(empty, empty, [], rows[start : start + size])
             start += size
         kept = [i for i, _ in tally.lengths["short"]]
         assert kept == list(range(0, 37, tally.stride["short"])) and 4 <= len(kept) < 8
-        lengths = dict(tally.lengths["short"])
+        lengths = {i: n for i, (n, _) in tally.lengths["short"]}
         assert lengths[8] == len(tok("<short>\n" + "1 " * 8, add_special_tokens=False)["input_ids"]) + 1
+
+
+def test_a_longer_problem_list_reuses_every_answer_already_made(setup, tmp_path, monkeypatch):
+    """distill.limit=5, then the full 8: the shards now hold other problems, yet only problems 5-7 are sampled."""
+    out = tmp_path / "grow"
+    assert main(_args(setup, out, "distill.limit=5")) == 0
+    sampled = []
+    real = distill_mod.Teacher.sample
+    monkeypatch.setattr(distill_mod.Teacher, "sample",
+                        lambda self, ps, *a: sampled.append((self.side, len(ps))) or real(self, ps, *a))  # fmt: skip
+    assert main(_args(setup, out)) == 0
+    assert sampled == [("think", 1), ("think", 2), ("short", 1), ("short", 2)]
+    assert _rows(out / "hybrid.jsonl") == _expected_rows(setup)
+
+
+def test_the_vllm_engine_never_shares_a_seed_between_samples(setup, tmp_path, monkeypatch):
+    """vLLM seeds a request's n samples seed + 0 .. n-1: requests are seeded n apart."""
+    import fake_vllm
+
+    vllm = fake_vllm.install(monkeypatch)
+    seen = []
+    real = vllm.LLM.generate
+    monkeypatch.setattr(vllm.LLM, "generate", lambda self, prompts, params, **kw: seen.append(params)
+                        or real(self, prompts, params, **kw))  # fmt: skip
+    out = tmp_path / "seeds"
+    assert main(_args(setup, out, "rollout.engine=vllm", "distill.think_n=3", "distill.short_n=2")) == 0
+    children = [p.seed + k for call in seen for p in call for k in range(p.n)]
+    assert len(children) == 3 * 8 + 2 * 8 and len(set(children)) == len(children)
+
+
+def test_prompts_longer_than_max_prompt_tokens_are_not_sampled(setup, tmp_path):
+    """Each teacher's prompt is measured in its own tokens with its own template (the think one's is longer)."""
+    from thinkless.train.distill_teacher import teacher_tokenizer
+
+    lengths = {}
+    for side, folder in setup["teachers"].items():
+        tok = teacher_tokenizer(str(folder))
+        lengths[side] = [len(tok(teacher_prompt(tok, r["problem"], load_config().data)[0])["input_ids"])
+                         for r in setup["rows"]]  # fmt: skip
+    limit = sorted(lengths["short"])[4]
+    out = tmp_path / "long"
+    code = main(_args(setup, out, f"data.max_prompt_tokens={limit}"))
+    report = json.loads((out / "report.json").read_text())
+    fits = {side: [n <= limit for n in values] for side, values in lengths.items()}
+    for side in ("think", "short"):
+        assert report["models"][side]["prompts_too_long"] == fits[side].count(False) > 0
+        assert report["models"][side]["samples"] == fits[side].count(True)
+    index = {r["problem"]: i for i, r in enumerate(setup["rows"])}
+    expected = [r for r in _expected_rows(setup) if fits[r["response"][1:6]][index[r["problem"]]]]
+    assert code == 0 and _rows(out / "hybrid.jsonl") == expected
+
+
+def test_no_verified_answer_is_an_error_with_the_report_written(setup, tmp_path, capsys):
+    """Problems 6 and 7: both teachers are wrong there."""
+    problems = tmp_path / "hard.json"
+    problems.write_text(json.dumps(setup["rows"][6:]))
+    out = tmp_path / "none"
+    args = [a if not a.startswith("data.train_files=") else f"data.train_files=[{problems}]" for a in _args(setup, out)]
+    assert main(args) == 2
+    assert "no answer was verified correct" in capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["problems_with"]["neither"] == 2
+
+
+def test_template_args_and_known_instructions(tmp_path, capsys):
+    from thinkless.train.distill_teacher import trace_problem_key
+
+    template = tiny.CHATML.replace(
+        "<|im_start|>assistant\n{% endif %}",
+        "<|im_start|>assistant\n{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n"
+        "{% endif %}{% endif %}",
+    )  # Qwen3's switch
+    tok = tiny.make_tokenizer(tmp_path / "q3", chat_template=template)
+    data = load_config().data
+    prompt, opened = teacher_prompt(tok, "2+2?", data, {"enable_thinking": False})
+    assert prompt.endswith("assistant\n<think>\n\n</think>\n\n") and opened == ""
+    bad = ["distill", "distill.short_model=x", "distill.think_file=y.json", "distill.short_template_args=[thinking]"]
+    assert main(bad) == 2
+    assert "distill.short_template_args: 'thinking' must look like key=value" in capsys.readouterr().err
+    assert (
+        trace_problem_key("Return your final response within \\boxed{}. What is  1+1?", INSTRUCTION) == "What is 1+1?"
+    )
+    assert trace_problem_key(f"What is 1+1? {INSTRUCTION}", INSTRUCTION) == "What is 1+1?"

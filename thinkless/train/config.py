@@ -170,6 +170,10 @@ class DistillConfig:
         "auto", "think_file: the response column; auto: response, else the assistant turn of conversations/messages"
     )
     short_model: str = _key("", "the instruct model that writes the <short> answers (hub id, folder or .gguf)")
+    think_template_args: list[str] = _key([], "think_model: chat-template options, key=value each")
+    short_template_args: list[str] = _key(
+        [], "short_model: chat-template options, key=value each (Qwen3: [enable_thinking=false])"
+    )
     think_n: int = _key(1, "think_model: samples per problem")
     think_temperature: float = _key(0.6, "think_model: sampling temperature")
     think_top_p: float = _key(0.95, "think_model: nucleus sampling")

@@ -13,11 +13,9 @@ import json
 import statistics
 from pathlib import Path
 
+from thinkless.train.distill_store import SIDES, write_atomic, write_text
+from thinkless.train.distill_teacher import VERDICTS
 from thinkless.train.rewards import mode_of_text
-
-VERDICTS = ("correct", "wrong", "format_error", "truncated")
-SIDES = ("think", "short")
-
 
 LENGTH_SAMPLE = 20_000  # kept rows per mode whose tokens are counted: evenly spaced over the file, all when fewer
 
@@ -31,7 +29,7 @@ def _length_tokenizer(config):
 
         path = resolve_model_path(config.model.path)
         return path, load_tokenizer(path)
-    from thinkless.train.distill import teacher_tokenizer
+    from thinkless.train.distill_teacher import teacher_tokenizer
 
     path = resolve_model_path(config.distill.short_model)
     return path, teacher_tokenizer(path)
@@ -57,21 +55,26 @@ class Tally:
     def __init__(self, config, cap: int = LENGTH_SAMPLE):
         self.config, self.cap = config, cap
         self.tokenizer_path, self.tokenizer = _length_tokenizer(config)
+        self.student = bool(config.model.path)  # its prompt is known: lengths compare with data.max_length
+        self.too_long = dict.fromkeys(SIDES, 0)
         self.verdicts = {side: dict.fromkeys(VERDICTS, 0) for side in SIDES}
         self.solved = dict.fromkeys(SIDES, 0)
         self.without_samples = dict.fromkeys(SIDES, 0)
         self.problems = 0
         self.problems_with = {"both": 0, "think_only": 0, "short_only": 0, "neither": 0}
         self.kept = dict.fromkeys(SIDES, 0)
-        self.lengths: dict[str, list[tuple[int, int]]] = {side: [] for side in SIDES}  # (row index, tokens)
+        # (row index, (response tokens, prompt tokens))
+        self.lengths: dict[str, list[tuple[int, tuple[int, int]]]] = {side: [] for side in SIDES}
         self.stride = dict.fromkeys(SIDES, 1)
 
-    def add(self, think: list, short: list, kept: list[dict], rows: list[dict]) -> None:
-        for side, per_problem in (("think", think), ("short", short)):
-            for samples in per_problem:
-                for _, v in samples:
+    def add(self, think: dict, short: dict, kept: list[dict], rows: list[dict]) -> None:
+        """One shard: each side's {"samples", "prompts_too_long"}, which modes each problem solved, its rows."""
+        for side, shard in (("think", think), ("short", short)):
+            self.too_long[side] += shard["prompts_too_long"]
+            for samples in shard["samples"]:
+                for _, v in samples or []:
                     self.verdicts[side][v] += 1
-                self.solved[side] += any(v == "correct" for _, v in samples)
+                self.solved[side] += any(v == "correct" for _, v in samples or [])
                 self.without_samples[side] += not samples
         self.problems += len(kept)
         for k in kept:
@@ -82,22 +85,36 @@ class Tally:
         for row in rows:
             mode = mode_of_text(row["response"])
             if self.kept[mode] % self.stride[mode] == 0:
-                picked[mode].append((self.kept[mode], row["response"]))
+                picked[mode].append((self.kept[mode], row))
             self.kept[mode] += 1
         for mode, items in picked.items():
             if not items:
                 continue
-            ids = self.tokenizer([text for _, text in items], add_special_tokens=False)["input_ids"]
-            self.lengths[mode] += [(i, len(t) + 1) for (i, _), t in zip(items, ids, strict=True)]  # + sft's EOS
+            self.lengths[mode] += [(i, n) for (i, _), n in zip(items, self._count([r for _, r in items]), strict=True)]
             while len(self.lengths[mode]) >= 2 * self.cap:
                 self.stride[mode] *= 2
                 self.lengths[mode] = [(i, n) for i, n in self.lengths[mode] if i % self.stride[mode] == 0]
+
+    def _count(self, rows: list[dict]) -> list[tuple[int, int]]:
+        """(response tokens + the EOS sft appends, prompt tokens) of rows; the prompt as `sft` builds it when
+        `model.path` is the model it will train, else 0 (unknown)."""
+        responses = self.tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
+        if not self.student:
+            return [(len(ids) + 1, 0) for ids in responses]
+        from thinkless.train.data import chat_prompt, user_turn
+
+        data = self.config.data
+        prompts = [chat_prompt(self.tokenizer, user_turn(r["problem"], data.instruction, data.instruction_position))
+                   for r in rows]  # fmt: skip
+        counts = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        return [(len(ids) + 1, len(p)) for ids, p in zip(responses, counts, strict=True)]
 
     def write(self, out: Path, counts: dict) -> dict:
         """report.json, report.md and lengths.png in `out`; the report as a dict."""
         d = self.config.distill
         sources = {"think": d.think_file or d.think_model, "short": d.short_model}
-        lengths = {mode: [n for _, n in pairs] for mode, pairs in self.lengths.items()}
+        lengths = {mode: [n for _, (n, _) in pairs] for mode, pairs in self.lengths.items()}
+        totals = [n + p for pairs in self.lengths.values() for _, (n, p) in pairs]
         models = {}
         for side in SIDES:
             v = self.verdicts[side]
@@ -106,10 +123,9 @@ class Tally:
                 "source": sources[side], "samples": samples, **v,
                 "accuracy": v["correct"] / samples if samples else 0.0,
                 "problems": self.problems, "problems_solved": self.solved[side],
-                "problems_without_samples": self.without_samples[side],
+                "problems_without_samples": self.without_samples[side], "prompts_too_long": self.too_long[side],
             }  # fmt: skip
         w = self.problems_with
-        counted = [n for values in lengths.values() for n in values]
         report = {
             "problems": counts,
             "models": models,
@@ -121,12 +137,14 @@ class Tally:
                 "tokenizer": self.tokenizer_path,
                 **{m: {"rows": self.kept[m], **_spread(v)} for m, v in lengths.items()},
             },  # fmt: skip
-            "over_max_length_share": sum(n > self.config.data.max_length for n in counted) / max(1, len(counted)),
+            # sft cuts prompt + response at data.max_length; the prompt is counted when model.path is the student
+            "over_max_length_share": sum(t > self.config.data.max_length for t in totals) / max(1, len(totals)),
+            "over_max_length_counts_prompt": self.student,
             "hybrid_file": f"hybrid.{d.format}",  # beside this report
         }
-        (out / "report.json").write_text(json.dumps(report, indent=2))
-        (out / "report.md").write_text(markdown(report))
-        plot_lengths(lengths, out / "lengths.png")
+        write_text(out / "report.json", json.dumps(report, indent=2))
+        write_text(out / "report.md", markdown(report))
+        write_atomic(out / "lengths.png", lambda tmp: plot_lengths(lengths, tmp))
         k = report["kept_rows"]
         print(f"thinkless distill: {k['total']} rows ({k['think']} <think>, {k['short']} <short>) in "
               f"{out / report['hybrid_file']}; report in {out / 'report.md'}")  # fmt: skip
@@ -142,14 +160,15 @@ def markdown(report: dict) -> str:
         f"{p['duplicates_merged']} duplicates merged, contaminated (dropped) {contaminated}, {p['used']} used."
         + (f" Think file: {p['think_file']['matched']} of its {p['think_file']['problems']} problems matched."
            if "think_file" in p else ""), "",
-        "| mode | source | samples | accuracy | correct | wrong | format error | truncated | problems solved |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mode | source | samples | accuracy | correct | wrong | format error | thinking | truncated | solved | "
+        "prompt too long |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]  # fmt: skip
     for side in ("think", "short"):
         f = m[side]
         lines.append(f"| <{side}> | {f['source']} | {f['samples']} | {f['accuracy']:.3f} | {f['correct']} | "
-                     f"{f['wrong']} | {f['format_error']} | {f['truncated']} | {f['problems_solved']} / "
-                     f"{f['problems']} |")  # fmt: skip
+                     f"{f['wrong']} | {f['format_error']} | {f['thinking']} | {f['truncated']} | "
+                     f"{f['problems_solved']} / {f['problems']} | {f['prompts_too_long']} |")  # fmt: skip
     w, k, t = report["problems_with"], report["kept_rows"], report["tokens"]
     lines += [
         "", f"Problems with a correct answer in both modes: {w['both']}; think only: {w['think_only']}; short only: "
@@ -163,8 +182,13 @@ def markdown(report: dict) -> str:
         cell = lambda v: "-" if v is None else f"{v:.0f}"  # noqa: E731
         lines.append(f"| <{mode}> | {s['rows']} | {s['counted']} | {cell(s['mean'])} | {cell(s['median'])} | "
                      f"{cell(s['p90'])} | {cell(s['max'])} |")  # fmt: skip
-    share = report["over_max_length_share"]
-    lines += ["", f"Counted rows longer than data.max_length (prompt excluded): {100 * share:.1f} %.", ""]
+    share, what = (
+        report["over_max_length_share"],
+        "prompt + response"
+        if report["over_max_length_counts_prompt"]
+        else ("the response alone: set model.path to the model sft will train to count its prompt too"),
+    )
+    lines += ["", f"Counted rows longer than data.max_length ({what}): {100 * share:.1f} %.", ""]
     return "\n".join(lines)
 
 
@@ -186,5 +210,5 @@ def plot_lengths(lengths: dict[str, list[int]], path: Path) -> None:
     if any(lengths.values()):
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)

@@ -87,10 +87,11 @@ class VLLMRollout:
 
 def start_engine(
     model_path: str, rollout, *, dtype: str, max_model_len: int, seed: int, world: int = 1, report: bool = True,
-    sleep: bool | None = None,
+    sleep: bool | None = None, in_process: bool = True,
 ):  # fmt: skip
     """A vLLM `LLM` for `model_path` in this process (one rank) or beside the other ranks (torchrun), by the
-    `rollout` settings; and whether it may sleep (`rollout.vllm_sleep`, where the platform allows it)."""
+    `rollout` settings; and whether it may sleep (`rollout.vllm_sleep`, where the platform allows it).
+    `in_process=False` (one rank): vLLM's own engine process, as vLLM starts it by default."""
     try:
         import vllm
     except ImportError:
@@ -99,7 +100,7 @@ def start_engine(
     sleeps = wanted and sleep_mode_available()
     if wanted and not sleeps and report:
         print("thinkless: rollout.vllm_sleep: this platform has no vLLM sleep mode; the engine keeps its memory")
-    if world == 1:  # the engine in this process (forced: in a subprocess the weights would be pickled)
+    if world == 1 and in_process:  # the engine in this process (forced: in a subprocess the weights would be pickled)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     llm = vllm.LLM(
         model=model_path,

@@ -1,0 +1,172 @@
+"""The distill stage's files: the judged samples of each side, kept by what they answer, and the rows made of them.
+
+    <side>/settings.json      what the side's samples depend on (model, sampling, template, engine, seed, ...):
+                              a run with other settings stops, naming the key, instead of mixing samples
+    <side>/<digest>.json      one shard: its problems (by id) and each one's judged samples, [[response, verdict]]
+                              (null: its prompt was longer than data.max_prompt_tokens); written whole, then renamed
+
+A shard file is named by the digest of its problems (`shard_digest`), not by its position, so a finished shard is
+never overwritten by another: when the problem list moves (a larger `distill.limit`, rows added to the file, a new
+validation file), the samples of every problem already answered are found in the old shards (`SideStore.reusable`)
+and only the others are generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from thinkless.train.config import ConfigError
+from thinkless.train.data import Problem
+from thinkless.train.distill_teacher import problem_key
+
+SIDES = ("think", "short")
+
+
+def problem_id(p: Problem) -> str:
+    return hashlib.sha256(f"{problem_key(p.problem)}\0{p.answer.strip()}".encode()).hexdigest()[:20]
+
+
+def shard_digest(problems: list[Problem]) -> str:
+    return hashlib.sha256(" ".join(problem_id(p) for p in problems).encode()).hexdigest()[:16]
+
+
+def write_atomic(path: Path, write) -> None:
+    """`write(tmp)`, then renamed: a killed run never leaves half a file under the real name (and two processes
+    writing the same file each write their own temporary one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+class SideStore:
+    """One side's shards in `<output_dir>/<side>/`."""
+
+    def __init__(self, out: Path, side: str, settings: dict):
+        self.dir, self.side, self.settings = out / side, side, settings
+        self._reusable: dict[str, list | None] | None = None
+        path = self.dir / "settings.json"
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError:
+                raise ConfigError(f"{path} is not valid JSON: delete {self.dir} to generate its side again") from None
+            for key in sorted(set(saved) | set(settings)):
+                if saved.get(key) != settings.get(key):
+                    raise ConfigError(
+                        f"{path}: this folder's {side} answers were made with {key}={saved.get(key)!r}, this run has "
+                        f"{settings.get(key)!r}; use another trainer.output_dir, or delete {self.dir} to make them "
+                        "again"
+                    )
+
+    def claim(self) -> None:
+        """Record the settings before the first shard is written."""
+        if not (self.dir / "settings.json").is_file():
+            write_text(self.dir / "settings.json", json.dumps(self.settings, indent=2))
+
+    def path(self, digest: str) -> Path:
+        return self.dir / f"{digest}.json"
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def load(self, digest: str, problems: list[Problem]) -> dict | None:
+        """The shard of these problems: {"samples": per problem, "prompts_too_long": n}; None if absent or unreadable
+        (it is then generated again)."""
+        path = self.path(digest)
+        try:
+            shard = json.loads(path.read_text())
+            ids = [e["id"] for e in shard["problems"]]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            print(f"thinkless distill: {path} is unreadable ({type(err).__name__}); it is generated again")
+            return None
+        if ids != [problem_id(p) for p in problems]:
+            print(f"thinkless distill: {path} holds other problems than its name says; it is generated again")
+            return None
+        return {"samples": [e["samples"] for e in shard["problems"]], "prompts_too_long": shard["prompts_too_long"]}
+
+    def save(self, digest: str, problems: list[Problem], samples: list, too_long: int) -> None:
+        entries = [{"id": problem_id(p), "samples": s} for p, s in zip(problems, samples, strict=True)]
+        write_text(self.path(digest), json.dumps({"problems": entries, "prompts_too_long": too_long},
+                                                 ensure_ascii=False))  # fmt: skip
+
+    def reusable(self, current: set[str]) -> dict[str, list | None]:
+        """problem id -> judged samples, from the shards of other problem lists (read once, when first needed:
+        a fresh or merely interrupted run has none)."""
+        if self._reusable is None:
+            self._reusable = {}
+            for path in sorted(self.dir.glob("*.json")):
+                if path.stem in current or path.name == "settings.json":
+                    continue
+                try:
+                    for e in json.loads(path.read_text())["problems"]:
+                        self._reusable.setdefault(e["id"], e["samples"])
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue  # an unreadable old shard: its problems are generated again
+        return self._reusable
+
+
+def sft_rows(problems: list[Problem], think: list, short: list, distill) -> tuple[list[dict], list[dict]]:
+    """The SFT rows of a shard (per problem: its think rows, then its short rows) and per problem which modes it
+    solved. A problem without samples on a side (None: its prompt was too long) solved nothing there."""
+    rows, kept = [], []
+    limit = distill.keep_per_mode or None
+    for p, t, s in zip(problems, think, short, strict=True):
+        good = {m: [r for r, v in (per or []) if v == "correct"][:limit] for m, per in (("think", t), ("short", s))}
+        solved = {m: bool(good[m]) for m in good}
+        kept.append({"solved": solved})
+        if distill.require_both and not all(solved.values()):
+            continue
+        rows += [{"problem": p.problem, "response": r} for side in SIDES for r in good[side]]
+    return rows, kept
+
+
+def write_rows(path: Path, rows: list[dict], fmt: str) -> None:
+    writer = RowWriter(path, fmt)
+    writer.write(rows)
+    writer.close(keep=True)
+
+
+class RowWriter:
+    """SFT rows {"problem", "response"} as jsonl or parquet, written under a temporary name and renamed when whole
+    (the hybrid file is written shard by shard: a million rows never sit in memory)."""
+
+    def __init__(self, path: Path, fmt: str):
+        self.path, self.fmt = path, fmt
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            self.schema = pa.schema([("problem", pa.string()), ("response", pa.string())])
+            self.writer = pq.ParquetWriter(self.tmp, self.schema)
+        else:
+            self.file = self.tmp.open("w", encoding="utf-8")
+
+    def write(self, rows: list[dict]) -> None:
+        if self.fmt == "parquet":
+            import pyarrow as pa
+
+            self.writer.write_table(pa.Table.from_pylist(rows, schema=self.schema))
+        else:
+            self.file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+    def close(self, keep: bool) -> None:
+        (self.writer if self.fmt == "parquet" else self.file).close()
+        if keep:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
