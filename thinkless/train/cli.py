@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from thinkless import __version__
+from thinkless.train.checkpoint import CheckpointError
 from thinkless.train.config import ConfigError, describe, load_config
 from thinkless.train.data import DataError
 from thinkless.train.model import ModelError
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError) as err:
         print(f"thinkless-train {args.stage}: error: {err}", file=sys.stderr)
         return 2
+    except CheckpointError as err:  # not the user's mistake (a full disk): status 1, still one line
+        print(f"thinkless-train {args.stage}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"thinkless-train {args.stage}: interrupted; run it again to resume from the last checkpoint",
               file=sys.stderr)  # fmt: skip

@@ -201,7 +201,7 @@ def lr_lambda(algo, total: int):
 
 def check_output_dir(config, stage: str) -> None:
     """A run folder belongs to one stage: resuming an SFT run as RL (or the reverse) would mix their optimizers."""
-    checkpoint = latest_checkpoint(config.trainer.output_dir)
+    checkpoint = latest_checkpoint(config.trainer.output_dir, verify=False)
     if checkpoint is None:
         return
     found = load_state(checkpoint).get("stage", stage)
