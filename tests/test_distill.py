@@ -68,7 +68,8 @@ def _args(setup, out: Path, *extra: str) -> list[str]:
         "distill", f"data.train_files=[{setup['problems']}]", f"data.val_files=[{tiny.DATA / 'math500.json'}]",
         f"distill.think_model={t['think']}", f"distill.short_model={t['short']}", "distill.think_max_tokens=64",
         "distill.short_max_tokens=32", "distill.think_temperature=0.3", "distill.short_temperature=0.3",
-        "distill.shard_size=3", "trainer.batch_size=2", f"trainer.output_dir={out}", *extra,
+        "distill.shard_size=3", "trainer.batch_size=2", "data.max_prompt_tokens=900", f"trainer.output_dir={out}",
+        *extra,
     ]  # fmt: skip
 
 
@@ -480,3 +481,99 @@ def test_template_args_and_known_instructions(tmp_path, capsys):
         trace_problem_key("Return your final response within \\boxed{}. What is  1+1?", INSTRUCTION) == "What is 1+1?"
     )
     assert trace_problem_key(f"What is 1+1? {INSTRUCTION}", INSTRUCTION) == "What is 1+1?"
+
+
+def test_damaged_shards_and_leftovers_are_made_again(setup, finished, tmp_path):
+    """A shard cut short (after it was written) is generated again; one that ends well but does not load is moved
+    aside with an error, then generated again; a killed process's temporary files are removed."""
+    import shutil
+
+    out = tmp_path / "damaged"
+    shutil.copytree(finished, out)
+    d = _digests(setup)
+    cut = out / "short" / f"{d[1]}.json"
+    cut.write_bytes(cut.read_bytes()[:100])
+    (out / "think" / ".x.json.999999999.tmp").write_text("{")
+    assert main(_args(setup, out)) == 0
+    assert not (out / "think" / ".x.json.999999999.tmp").exists()
+    assert cut.read_bytes() == (finished / "short" / f"{d[1]}.json").read_bytes()
+    bad = out / "think" / f"{d[2]}.json"
+    bad.write_text('{"problems": [], "prompts_too_long": 0}')  # whole JSON, the wrong problems
+    assert main(_args(setup, out)) == 2
+    assert (out / "think" / f"{d[2]}.json.bad").is_file() and not bad.exists()
+    assert main(_args(setup, out)) == 0
+    assert (out / "hybrid.jsonl").read_bytes() == (finished / "hybrid.jsonl").read_bytes()
+
+
+def test_a_run_that_fails_before_writing_claims_nothing(setup, tmp_path, capsys):
+    """A wrong think model (a folder with a tokenizer and no model) stops the run; the corrected run then starts."""
+    broken = tmp_path / "tokenizer-only"
+    tiny.make_tokenizer(broken, chat_template=tiny.CHATML_THINK)
+    out = tmp_path / "claims"
+    args = [a for a in _args(setup, out) if not a.startswith("distill.think_model=")]
+    assert main([*args, f"distill.think_model={broken}"]) == 2
+    assert "distill.think_model=" in capsys.readouterr().err
+    assert main(_args(setup, out)) == 0
+    assert _rows(out / "hybrid.jsonl") == _expected_rows(setup)
+
+
+def test_rebuilding_needs_no_teacher_and_answers_are_not_repeated(setup, finished, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "rebuild"
+    shutil.copytree(finished, out)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(setup["teachers"]["think"], moved)
+    args = [
+        a if not a.startswith("distill.think_model=") else f"distill.think_model={moved}" for a in _args(setup, out)
+    ]
+    assert main([*args, "distill.keep_per_mode=0"]) == 2  # another model: refused, naming the key
+    assert "made with model=" in capsys.readouterr().err
+    (out / "short" / "settings.json").unlink()
+    assert main([*_args(setup, out), "distill.keep_per_mode=0"]) == 2
+    assert "holds answers but no settings.json" in capsys.readouterr().err
+    shutil.copy(finished / "short" / "settings.json", out / "short" / "settings.json")
+    assert main([*_args(setup, out), "distill.keep_per_mode=0", "model.dtype=bfloat16"]) == 0  # dtype: generation only
+    rows = _rows(out / "hybrid.jsonl")
+    assert len({json.dumps(r) for r in rows}) == len(rows)
+
+
+def test_more_user_mistakes_are_one_line(setup, tmp_path, capsys):
+    out = tmp_path / "mistakes"
+    cases = [
+        (['distill.short_template_args=[enable_thinking="no]'], "distill.short_template_args: 'enable_thinking=\"no'"),
+        (["distill.think_max_tokens=2000"], "data.max_prompt_tokens + distill.think_max_tokens = 2900 is more than"),
+        (["distill.short_model=/nonexistent/model"], "distill.short_model='/nonexistent/model': no such folder"),
+        (["distill.short_model=/nonexistent/model.gguf"], "distill.short_model='/nonexistent/model.gguf': no such"),
+        (["model.path=/nonexistent/student"], "model.path='/nonexistent/student': no such folder"),
+    ]
+    for extra, message in cases:
+        assert main([*_args(setup, out), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    assert not (out / "think").exists() and not (out / "short").exists()
+
+
+def test_the_guard_reads_benchmarks_in_their_own_layout_and_traces_match_across_instructions(setup, tmp_path):
+    rows = [{"question": r["problem"], "answer": r["answer"]} for r in setup["rows"][:3]]
+    rows.append({"question": json.loads((tiny.DATA / "math500.json").read_text())[5]["problem"], "answer": "1"})
+    (tmp_path / "q.json").write_text(json.dumps(rows))
+    config = load_config(overrides=[f"data.train_files=[{tmp_path / 'q.json'}]", "data.problem_key=question",
+                                    f"data.val_files=[{tiny.DATA / 'math500.json'}]"])  # fmt: skip
+    problems, counts = gather_problems(config)
+    assert len(problems) == 3 and counts["contaminated"] == {str(tiny.DATA / "math500.json"): 1}
+    # traces in two files (a glob), their problems behind OpenThoughts-114k's instruction, the problems file's too
+    bespoke = "Return your final response within \\boxed{}. "
+    for i, part in enumerate((setup["rows"][:2], setup["rows"][2:4])):
+        traces = [{"problem": bespoke + r["problem"], "response": f"<think>ok</think>\\boxed{{{r['answer']}}}"}
+                  for r in part]  # fmt: skip
+        (tmp_path / f"traces-{i}.jsonl").write_text("".join(json.dumps(t) + "\n" for t in traces))
+    (tmp_path / "p.json").write_text(json.dumps([dict(r, problem=bespoke + r["problem"]) for r in setup["rows"][:4]]))
+    out = tmp_path / "glob"
+    args = [a for a in _args(setup, out) if not a.startswith(("distill.think_model=", "data.train_files="))]
+    assert (
+        main([*args, f"distill.think_file={tmp_path / 'traces-*.jsonl'}", f"data.train_files=[{tmp_path / 'p.json'}]"])
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["problems"]["think_file"] == {"problems": 4, "matched": 4} and report["kept_rows"]["think"] == 4

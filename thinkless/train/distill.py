@@ -46,6 +46,7 @@ vLLM, one call per shard, each engine in its own process).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -56,14 +57,26 @@ from tqdm import tqdm
 
 from thinkless.train.config import ConfigError
 from thinkless.train.data import DataError, Problem, read_problem_texts, read_problems
-from thinkless.train.distill_store import SIDES, RowWriter, SideStore, problem_id, sft_rows, shard_digest, write_rows
+from thinkless.train.distill_store import (
+    SIDES,
+    RowWriter,
+    SideStore,
+    problem_id,
+    remove_stale_tmp,
+    sft_rows,
+    shard_digest,
+    write_rows,
+)
 from thinkless.train.distill_teacher import (
     Teacher,
+    check_context,
     problem_key,
     read_think_file,
+    teacher_path,
     teacher_prompt,
     teacher_tokenizer,
     template_args,
+    trace_problem_key,
     verdict,
 )
 from thinkless.train.model import resolve_device, resolve_dtype
@@ -94,7 +107,11 @@ def gather_problems(config) -> tuple[list[Problem], dict]:
     guarded = list(dict.fromkeys([*config.data.val_files, *config.trainer.val_files]))
     seen: dict[str, str] = {}
     for file in guarded:
-        for _, text in read_problem_texts([file], config.data, "data.val_files"):
+        try:
+            texts = read_problem_texts([file], config.data, "data.val_files")
+        except DataError:  # a benchmark in its own layout (data.problem_key names the training files' column)
+            texts = read_problem_texts([file], dataclasses.replace(config.data, problem_key="auto"), "data.val_files")
+        for _, text in texts:
             seen.setdefault(problem_key(text), file)
     contaminated = {file: 0 for file in guarded}
     kept = []
@@ -118,30 +135,49 @@ def gather_problems(config) -> tuple[list[Problem], dict]:
 # -- settings -------------------------------------------------------------------------------------------------
 
 
-def side_settings(side: str, config, device: torch.device) -> dict:
-    """What a side's samples depend on: samples made with other settings are not this run's."""
+IDENTITY = ("model", "template_args", "n", "temperature", "top_p", "max_tokens", "max_prompt_tokens", "engine",
+            "seed", "shard_size", "batch_size", "instruction", "instruction_position", "think_file", "bytes",
+            "mtime_ns", "think_problem_key", "think_response_key")  # fmt: skip
+
+
+def side_settings(side: str, config, device: torch.device, generating: bool) -> dict:
+    """What a side's samples depend on: samples made with other settings are not this run's. The IDENTITY keys
+    need nothing loaded; `generating` adds the template's digest, dtype and device (and checks the model's context
+    length), which only samples still to be drawn depend on."""
     d, data = config.distill, config.data
     if side == "think" and d.think_file:
-        file = Path(d.think_file)
-        return {"think_file": str(file.resolve()), "bytes": file.stat().st_size, "instruction": data.instruction,
-                "think_problem_key": d.think_problem_key, "think_response_key": d.think_response_key}  # fmt: skip
-    from thinkless.train.run import resolve_model_path
+        from thinkless.train.distill_teacher import think_files
 
+        files = [Path(f) for f in think_files(d.think_file)] if generating else []
+        return {"think_file": str(Path(d.think_file).resolve()), "instruction": data.instruction,
+                "think_problem_key": d.think_problem_key, "think_response_key": d.think_response_key,
+                **({"bytes": sum(f.stat().st_size for f in files),
+                    "mtime_ns": max(f.stat().st_mtime_ns for f in files)} if generating else {})}  # fmt: skip
     model = getattr(d, f"{side}_model")
-    tokenizer = teacher_tokenizer(resolve_model_path(model))
-    args = template_args(config, side)
-    probe = teacher_prompt(tokenizer, "1 + 1 = ?", data, args)[0]  # the template, as it renders a problem
-    return {
-        "model": model, "template": hashlib.sha256(probe.encode()).hexdigest()[:16], "template_args": args,
+    local = Path(model).expanduser()
+    settings = {
+        "model": str(local.resolve()) if local.exists() else model, "template_args": template_args(config, side),
         "n": getattr(d, f"{side}_n"), "temperature": getattr(d, f"{side}_temperature"),
         "top_p": getattr(d, f"{side}_top_p"), "max_tokens": getattr(d, f"{side}_max_tokens"),
         "max_prompt_tokens": data.max_prompt_tokens, "engine": config.rollout.engine, "seed": config.trainer.seed,
-        "shard_size": d.shard_size, "dtype": str(resolve_dtype(config.model.dtype, device)), "device": device.type,
+        "shard_size": d.shard_size, "instruction": data.instruction, "instruction_position": data.instruction_position,
         **({"batch_size": config.trainer.batch_size} if config.rollout.engine == "hf" else {}),
     }  # fmt: skip
+    if generating:
+        path = teacher_path(config, side)
+        check_context(path, config, side)
+        tokenizer = teacher_tokenizer(path, f"distill.{side}_model")
+        probe = teacher_prompt(tokenizer, "1 + 1 = ?", data, settings["template_args"])[0]
+        settings.update(template=hashlib.sha256(probe.encode()).hexdigest()[:16], device=device.type,
+                        dtype=str(resolve_dtype(config.model.dtype, device)))  # fmt: skip
+    return settings
 
 
 def _check(config) -> None:
+    """Settings that need nothing loaded, checked before anything is read or written."""
+    from thinkless.train.model import check_model_path
+    from thinkless.train.run import resolve_model_path
+
     d = config.distill
     if not d.short_model:
         raise ConfigError("distill.short_model is not set: the instruct model that writes the <short> answers")
@@ -154,11 +190,11 @@ def _check(config) -> None:
                 raise ConfigError(f"distill.{side}_temperature must be in [0.01, 2] with rollout.engine=vllm, got {t}")
     for side in SIDES:
         template_args(config, side)
-    if d.think_file and not Path(d.think_file).is_file():
-        raise DataError(f"{d.think_file}: no such file (distill.think_file)")
     out = Path(config.trainer.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"trainer.output_dir={str(out)!r} is a file, not a folder")
+    if config.model.path:  # only the report's token counts use it: a wrong path must not wait for the end
+        check_model_path(resolve_model_path(config.model.path))
 
 
 def _device(config) -> torch.device:
@@ -185,23 +221,28 @@ def run_distill(config) -> dict | None:
     _check(config)
     check_output_dir(config, "distill")
     problems, counts = gather_problems(config)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    out = Path(config.trainer.output_dir)
+    remove_stale_tmp([out, *(out / side for side in SIDES), out / "data"])
+    size = config.distill.shard_size
+    shards = [problems[i : i + size] for i in range(0, len(problems), size)]
+    digests = [shard_digest(s) for s in shards]
+    mine = list(range(rank, len(shards), world))
+    device = _device(config)
+    stores, todo = {}, {}
+    for side in SIDES:
+        todo[side] = [k for k in mine if not SideStore.exists(out, side, digests[k])]
+        settings = side_settings(side, config, device, generating=bool(todo[side]))
+        stores[side] = SideStore(out, side, settings, IDENTITY, generating=bool(todo[side]))  # checks them
     think_file = None
-    if config.distill.think_file:
-        wanted = {problem_key(p.problem) for p in problems}
+    if config.distill.think_file and todo["think"]:
+        instruction = config.data.instruction
+        wanted = {trace_problem_key(p.problem, instruction) for p in problems}
         think_file, in_file = read_think_file(config.distill.think_file, config, wanted)
         counts["think_file"] = {"problems": in_file, "matched": len(think_file)}
         if not think_file:
             raise DataError(f"{config.distill.think_file}: none of its {in_file} problems is one of "
                             f"data.train_files' (matched by text, whitespace and instruction aside)")  # fmt: skip
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    out = Path(config.trainer.output_dir)
-    device = _device(config)
-    stores = {side: SideStore(out, side, side_settings(side, config, device)) for side in SIDES}  # checks them
-    size = config.distill.shard_size
-    shards = [problems[i : i + size] for i in range(0, len(problems), size)]
-    digests = [shard_digest(s) for s in shards]
-    mine = list(range(rank, len(shards), world))
-    todo = {side: [k for k in mine if not stores[side].has(digests[k])] for side in SIDES}
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         config.save(out / "config.yaml")
@@ -218,7 +259,6 @@ def generate_side(config, side, s, stores, shards, digests, todo, think_file, de
     """Sample and judge `side` for the shards in `todo`, writing each as it is done (and, on the short side, its
     SFT rows). Problems answered in shards of another problem list are taken from there, not sampled again."""
     store = stores[side]
-    store.claim()
     reuse = store.reusable(set(digests))
     teacher = None
     bar = tqdm(total=sum(len(shards[k]) for k in todo), desc=f"distill {side}", unit="problem", disable=rank != 0)
@@ -230,7 +270,7 @@ def generate_side(config, side, s, stores, shards, digests, todo, think_file, de
             missing = [i for i, x in enumerate(samples) if x is ...]
             if missing and think_file is not None and side == "think":
                 for i in missing:
-                    traces = think_file.get(problem_key(problems[i].problem), [])
+                    traces = think_file.get(trace_problem_key(problems[i].problem, config.data.instruction), [])
                     samples[i] = [[r, verdict(r, problems[i].answer, True, config.rewards)] for r in traces]
             elif missing:
                 teacher = teacher or Teacher(side, config, device)
@@ -265,7 +305,7 @@ def finish(config, out: Path, shards: list, digests: list, stores: dict, counts:
     from thinkless.train.distill_report import Tally
 
     missing = [f"{side}/{digests[k]}.json" for k in range(len(shards)) for side in SIDES
-               if not stores[side].has(digests[k])]  # fmt: skip
+               if not SideStore.exists(out, side, digests[k])]  # fmt: skip
     if missing:
         print(f"thinkless distill: {len(missing)} shards are not done yet ({missing[0]}, ...: another process?); "
               "the last process to finish writes the hybrid file, or run the command again")  # fmt: skip
@@ -278,9 +318,11 @@ def finish(config, out: Path, shards: list, digests: list, stores: dict, counts:
         for k, problems in enumerate(shards):
             think = stores["think"].load(digests[k], problems)
             short = stores["short"].load(digests[k], problems)
-            if think is None or short is None:
-                print(f"thinkless distill: shard {k} could not be read; run the command again to generate it")
-                return None
+            for side, shard in (("think", think), ("short", short)):
+                if shard is None:
+                    bad = stores[side].set_aside(digests[k])
+                    raise DataError(f"{bad.with_suffix('')} does not load (moved to {bad.name}); run the command "
+                                    "again to generate it")  # fmt: skip
             rows, kept = sft_rows(problems, think["samples"], short["samples"], config.distill)
             write_rows(out / "data" / f"part-{k:05d}.{fmt}", rows, fmt)
             writer.write(rows)
@@ -295,5 +337,13 @@ def finish(config, out: Path, shards: list, digests: list, stores: dict, counts:
     (out / f"hybrid.{'parquet' if fmt == 'jsonl' else 'jsonl'}").unlink(missing_ok=True)  # the other format's
     report = tally.write(out, counts)
     if not report["kept_rows"]["total"]:
-        raise DataError(f"no answer was verified correct: {out / f'hybrid.{fmt}'} is empty; see {out / 'report.md'}")
+        m = report["models"]
+        long = (
+            f" ({m['think']['prompts_too_long']} think and {m['short']['prompts_too_long']} short prompts were "
+            "longer than data.max_prompt_tokens)"
+        )
+        raise DataError(
+            f"no answer was verified correct: {out / f'hybrid.{fmt}'} is empty; see {out / 'report.md'}"
+            + (long if m["think"]["prompts_too_long"] or m["short"]["prompts_too_long"] else "")
+        )
     return report

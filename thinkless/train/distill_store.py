@@ -50,35 +50,60 @@ def write_text(path: Path, text: str) -> None:
 
 
 class SideStore:
-    """One side's shards in `<output_dir>/<side>/`."""
+    """One side's shards in `<output_dir>/<side>/`.
 
-    def __init__(self, out: Path, side: str, settings: dict):
+    `settings` are checked against the recorded ones: the keys in `identity` always (a rebuild of the rows from
+    finished shards too), every key when this run generates (`generating`): the template's digest, dtype and device
+    only matter to samples still to be drawn. They are recorded with the first shard written, so a run that fails
+    before it (a wrong model path, out of memory) claims nothing."""
+
+    def __init__(self, out: Path, side: str, settings: dict, identity: tuple[str, ...], generating: bool):
         self.dir, self.side, self.settings = out / side, side, settings
         self._reusable: dict[str, list | None] | None = None
         path = self.dir / "settings.json"
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-            except ValueError:
-                raise ConfigError(f"{path} is not valid JSON: delete {self.dir} to generate its side again") from None
-            for key in sorted(set(saved) | set(settings)):
-                if saved.get(key) != settings.get(key):
-                    raise ConfigError(
-                        f"{path}: this folder's {side} answers were made with {key}={saved.get(key)!r}, this run has "
-                        f"{settings.get(key)!r}; use another trainer.output_dir, or delete {self.dir} to make them "
-                        "again"
-                    )
-
-    def claim(self) -> None:
-        """Record the settings before the first shard is written."""
-        if not (self.dir / "settings.json").is_file():
-            write_text(self.dir / "settings.json", json.dumps(self.settings, indent=2))
+        shards = [p for p in self.dir.glob("*.json") if p.name != "settings.json"] if self.dir.is_dir() else []
+        self.recorded = path.is_file() and bool(shards)
+        if not path.is_file():
+            if shards:
+                raise ConfigError(f"{self.dir} holds answers but no settings.json: they cannot be checked against "
+                                  f"this run's; use another trainer.output_dir, or delete {self.dir}")  # fmt: skip
+            return
+        if not shards:
+            return  # recorded by a run that wrote nothing: unclaimed
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:
+            raise ConfigError(f"{path} is not valid JSON: delete {self.dir} to generate its side again") from None
+        keys = sorted(set(saved) | set(settings)) if generating else identity
+        for key in keys:
+            if saved.get(key) != settings.get(key):
+                raise ConfigError(
+                    f"{path}: this folder's {side} answers were made with {key}={saved.get(key)!r}, this run has "
+                    f"{settings.get(key)!r}; use another trainer.output_dir, or delete {self.dir} to make them again"
+                )
 
     def path(self, digest: str) -> Path:
         return self.dir / f"{digest}.json"
 
     def has(self, digest: str) -> bool:
-        return self.path(digest).is_file()
+        return SideStore.exists(self.dir.parent, self.side, digest)
+
+    @staticmethod
+    def exists(out: Path, side: str, digest: str) -> bool:
+        """Written whole (every write is atomic: a file cut short was damaged afterwards, and is made again)."""
+        path = out / side / f"{digest}.json"
+        try:
+            with path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                return f.read(1) == b"}"
+        except OSError:
+            return False
+
+    def set_aside(self, digest: str) -> Path:
+        """A shard that does not load goes to <digest>.json.bad: the next run generates it again."""
+        bad = self.path(digest).with_suffix(".json.bad")
+        os.replace(self.path(digest), bad)
+        return bad
 
     def load(self, digest: str, problems: list[Problem]) -> dict | None:
         """The shard of these problems: {"samples": per problem, "prompts_too_long": n}; None if absent or unreadable
@@ -98,6 +123,9 @@ class SideStore:
         return {"samples": [e["samples"] for e in shard["problems"]], "prompts_too_long": shard["prompts_too_long"]}
 
     def save(self, digest: str, problems: list[Problem], samples: list, too_long: int) -> None:
+        if not self.recorded:
+            write_text(self.dir / "settings.json", json.dumps(self.settings, indent=2))
+            self.recorded = True
         entries = [{"id": problem_id(p), "samples": s} for p, s in zip(problems, samples, strict=True)]
         write_text(self.path(digest), json.dumps({"problems": entries, "prompts_too_long": too_long},
                                                  ensure_ascii=False))  # fmt: skip
@@ -119,12 +147,14 @@ class SideStore:
 
 
 def sft_rows(problems: list[Problem], think: list, short: list, distill) -> tuple[list[dict], list[dict]]:
-    """The SFT rows of a shard (per problem: its think rows, then its short rows) and per problem which modes it
-    solved. A problem without samples on a side (None: its prompt was too long) solved nothing there."""
+    """The SFT rows of a shard (per problem: its think rows, then its short rows; the same correct answer sampled
+    twice is one row) and per problem which modes it solved. A problem without samples on a side (None: its prompt
+    was too long) solved nothing there."""
     rows, kept = [], []
     limit = distill.keep_per_mode or None
     for p, t, s in zip(problems, think, short, strict=True):
-        good = {m: [r for r, v in (per or []) if v == "correct"][:limit] for m, per in (("think", t), ("short", s))}
+        good = {m: list(dict.fromkeys(r for r, v in (per or []) if v == "correct"))[:limit]
+                for m, per in (("think", t), ("short", s))}  # fmt: skip
         solved = {m: bool(good[m]) for m in good}
         kept.append({"solved": solved})
         if distill.require_both and not all(solved.values()):
@@ -170,3 +200,24 @@ class RowWriter:
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
+
+
+def remove_stale_tmp(folders: list[Path]) -> None:
+    """Temporary files (.<name>.<pid>.tmp) of processes that are gone: a killed run's, never to be renamed."""
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for tmp in folder.glob(".*.tmp"):
+            pid = tmp.name.rsplit(".", 2)[-2]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

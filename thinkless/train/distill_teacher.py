@@ -112,15 +112,34 @@ def trace_problem_key(text: str, instruction: str) -> str:
     return key
 
 
+def think_files(path: str) -> list[str]:
+    """The files `distill.think_file` names: one, or a glob pattern (OpenThoughts2-1M ships as parquet shards)."""
+    import glob
+
+    if not glob.has_magic(path):
+        return [path]
+    files = sorted(glob.glob(path))
+    if not files:
+        raise DataError(f"{path}: no file matches (distill.think_file)")
+    return files
+
+
+def _trace_rows(path: str):
+    for file in think_files(path):
+        for i, row in enumerate(iter_rows(file)):
+            yield file, i, row
+
+
 def read_think_file(path: str, config, wanted: set[str] | None = None) -> tuple[dict[str, list[str]], int]:
-    """problem key -> the file's long responses to it, in file order, normalised (`think_response`), for the
-    problems in `wanted` (all when None); and how many problems the file holds. Rows are read one by one: a
+    """problem key (`trace_problem_key`) -> the file's long responses to it, in file order, normalised
+    (`think_response`), for the problems in `wanted` (all when None); and how many problems the file holds (a glob
+    pattern: the files it matches, in name order). Rows are read one by one: a
     million traces are not held, only those of the problems asked for."""
     distill = config.distill
     out: dict[str, list[str]] = {}
     problems: set[str] = set()
-    for i, row in enumerate(iter_rows(path)):
-        where = f"{path}: row {i}"
+    for file, i, row in _trace_rows(path):
+        where = f"{file}: row {i}"
         texts = []
         for setting, names, role in (
             ("think_problem_key", ("problem", "question"), "user"),
@@ -154,18 +173,55 @@ def template_args(config, side: str) -> dict:
         if not eq or not key.strip().isidentifier():
             raise ConfigError(f"distill.{side}_template_args: {item!r} must look like key=value, e.g. "
                               "enable_thinking=false")  # fmt: skip
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise ConfigError(f"distill.{side}_template_args: {item!r}: the value is not a YAML scalar") from None
     return out
 
 
-def teacher_tokenizer(path: str):
+def teacher_path(config, side: str) -> str:
+    """`distill.{side}_model` as a local folder or hub id (a .gguf converted), checked, errors naming the key."""
+    from thinkless.train.model import ModelError, check_model_path
+    from thinkless.train.run import resolve_model_path
+
+    what = f"distill.{side}_model"
+    given = getattr(config.distill, f"{side}_model")
+    try:
+        path = resolve_model_path(given)
+    except ModelError as err:
+        raise ModelError(str(err).replace("model.path", what)) from None
+    check_model_path(path, what)
+    return path
+
+
+def check_context(path: str, config, side: str) -> None:
+    """data.max_prompt_tokens + distill.{side}_max_tokens must fit the model's positions (vLLM refuses a longer
+    max_model_len; HF would generate past what the model was trained on)."""
+    from transformers import AutoConfig
+
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"distill.{side}_model={path!r}: not a model: {str(err).splitlines()[0]}") from None
+    limit = getattr(model_config, "max_position_embeddings", None)
+    need = config.data.max_prompt_tokens + getattr(config.distill, f"{side}_max_tokens")
+    if isinstance(limit, int) and need > limit:
+        raise ConfigError(
+            f"data.max_prompt_tokens + distill.{side}_max_tokens = {need} is more than the {limit} positions of "
+            f"distill.{side}_model={getattr(config.distill, f'{side}_model')!r}: lower one of them"
+        )
+
+
+def teacher_tokenizer(path: str, what: str = "distill.short_model"):
     """A generating model's own tokenizer, as it ships (no control tokens: the model has never seen them)."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{path!r}: cannot load a tokenizer: {err}") from None
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{what}={path!r}: cannot load a tokenizer: {first}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -200,24 +256,22 @@ class Teacher:
     [(response, stopped)], or None for a problem whose prompt is longer than `data.max_prompt_tokens`."""
 
     def __init__(self, side: str, config, device: torch.device):
-        from thinkless.train.model import check_model_path, load_model
+        from thinkless.train.model import load_model
         from thinkless.train.rollout import stop_token_ids
-        from thinkless.train.run import resolve_model_path
 
         d = config.distill
         what = f"distill.{side}_model"
-        self.path = resolve_model_path(getattr(d, f"{side}_model"))
-        check_model_path(self.path, what)
+        self.path = teacher_path(config, side)
         self.side, self.config, self.device = side, config, device
         self.args = template_args(config, side)
         self.rollout = dataclasses.replace(
             config.rollout, n=getattr(d, f"{side}_n"), temperature=getattr(d, f"{side}_temperature"),
             top_p=getattr(d, f"{side}_top_p"), max_new_tokens=getattr(d, f"{side}_max_tokens"),
         )  # fmt: skip
-        self.tokenizer = teacher_tokenizer(self.path)
+        self.tokenizer = teacher_tokenizer(self.path, what)
         self.model = self.llm = None
         if config.rollout.engine == "vllm":
-            from transformers import AutoConfig, GenerationConfig
+            from transformers import GenerationConfig
 
             from thinkless.train.model import resolve_dtype
             from thinkless.train.vllm_rollout import start_engine
@@ -227,10 +281,6 @@ class Teacher:
             except OSError:  # a model without generation_config.json: the tokenizer's EOS alone
                 generation = None
             self.stops = stop_token_ids(type("M", (), {"generation_config": generation})(), self.tokenizer)
-            try:
-                AutoConfig.from_pretrained(self.path)
-            except (OSError, ValueError) as err:
-                raise ConfigError(f"{what}={self.path!r}: not a model: {err}") from None
             dtype = str(resolve_dtype(config.model.dtype, device)).removeprefix("torch.")
             # Its own engine process (no weights to sync here): closing it gives its GPU memory back, which an
             # engine in this process does not (vllm-project/vllm#21073), and the other side's engine needs it.
