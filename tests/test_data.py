@@ -83,7 +83,7 @@ def test_bad_sft_rows_and_files(tokenizer, tmp_path):
     with pytest.raises(DataError, match=r"unsupported file type '.csv'"):
         read_rows(tmp_path / "x.csv")
     (tmp_path / "broken.json").write_text("[{")
-    with pytest.raises(DataError, match=r"broken.json: cannot be read as json"):
+    with pytest.raises(DataError, match=r"broken.json: line 1: invalid JSON"):
         read_rows(tmp_path / "broken.json")
 
 

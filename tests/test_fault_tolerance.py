@@ -28,8 +28,8 @@ def _args(workdir, out, *extra) -> list[str]:
     return [
         "rl", f"model.path={workdir / 'base'}", f"data.train_files=[{workdir / 'rl.json'}]", "rollout.n=4",
         "rollout.max_new_tokens=8", "rollout.temperature=1.0", "trainer.batch_size=2", "algo.micro_batch_size=4",
-        "algo.lr=1e-3", "trainer.total_steps=4", "trainer.save_every=1", "trainer.keep_last=3",
-        f"trainer.output_dir={out}", *extra,
+        "algo.lr=1e-3", "algo.entropy_coef=0.01", "trainer.total_steps=4", "trainer.save_every=1",
+        "trainer.keep_last=3", f"trainer.output_dir={out}", *extra,
     ]  # fmt: skip
 
 
@@ -45,6 +45,9 @@ def _same(a: dict, b: dict) -> bool:
 def straight(workdir):
     out = workdir / "straight"
     assert main(_args(workdir, out)) == 0
+    # every step moves the weights (the entropy term: a random model's rewards are all equal, its advantages 0)
+    steps = [_weights(out / f"checkpoint-{k}") for k in (2, 3, 4)]
+    assert not _same(steps[0], steps[1]) and not _same(steps[1], steps[2])
     return out
 
 
@@ -102,3 +105,86 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_a_rerun_finishes(workdi
     monkeypatch.undo()
     assert main(_args(workdir, out)) == 0
     assert _same(_weights(out / "checkpoint-4"), _weights(straight / "checkpoint-4"))
+
+
+def _poison(monkeypatch, steps: set[int], where: str):
+    """From the RL loop's mini-batch backward: a NaN in the loss of one micro-batch (`loss`) or in one gradient
+    (`grad`, a hook on a parameter's gradient), at the given steps."""
+    from thinkless.train import rl
+
+    real = rl.mini_batch_backward
+    calls = []
+
+    def poisoned(model, *args, **kw):
+        calls.append(1)
+        if len(calls) not in steps:
+            return real(model, *args, **kw)
+        if where == "grad":
+            param = next(p for p in model.parameters() if p.requires_grad)
+            handle = param.register_hook(lambda g: g * float("nan"))
+            try:
+                return real(model, *args, **kw)
+            finally:
+                handle.remove()
+        real_loss = rl.policy_loss
+        monkeypatch.setattr(rl, "policy_loss", lambda *a, **k: _nan_loss(real_loss(*a, **k)))
+        try:
+            return real(model, *args, **kw)
+        finally:
+            monkeypatch.setattr(rl, "policy_loss", real_loss)
+
+    monkeypatch.setattr(rl, "mini_batch_backward", poisoned)
+
+
+def _nan_loss(result):
+    loss, metrics = result
+    return loss * float("nan"), metrics
+
+
+@pytest.mark.parametrize("where", ["loss", "grad"])
+def test_a_non_finite_update_is_skipped(workdir, tmp_path, monkeypatch, where):
+    out = tmp_path / where
+    _poison(monkeypatch, {2}, where)
+    with pytest.warns(UserWarning, match=f"step 2: non-finite {'loss' if where == 'loss' else 'grad_norm'}"):
+        assert main(_args(workdir, out, "trainer.total_steps=3")) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_updates"] for r in rows] == [0, 1, 0]
+    # the update of step 2 never happened: its weights and optimizer state are step 1's
+    assert _same(_weights(out / "checkpoint-2"), _weights(out / "checkpoint-1"))
+    s1 = torch.load(out / "checkpoint-1" / "trainer_state.pt", weights_only=False)["optimizer"]
+    s2 = torch.load(out / "checkpoint-2" / "trainer_state.pt", weights_only=False)["optimizer"]
+    assert s1["state"].keys() == s2["state"].keys()
+    for name in s1["state"]:
+        for key, value in s1["state"][name].items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(s2["state"][name][key])), (name, key)
+    assert not _same(_weights(out / "checkpoint-3"), _weights(out / "checkpoint-2"))  # step 3 trained again
+    assert all(torch.isfinite(t).all() for t in _weights(out / "checkpoint-3").values())
+
+
+def test_three_skipped_updates_in_a_row_stop_the_run(workdir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "stop"
+    _poison(monkeypatch, {2, 3, 4}, "loss")
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        assert main(_args(workdir, out, "trainer.save_every=2")) == 1
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("thinkless-train rl: error: step 4: 3 updates in a row skipped") and "checkpoint-2" in err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+    assert verify_checkpoint(out / "checkpoint-2") is None
+
+
+def test_a_non_finite_weight_is_never_saved(workdir, tmp_path, monkeypatch, capsys):
+    from thinkless.train.run import Run
+
+    real = Run.save
+
+    def corrupt_then_save(self, step):
+        if step == 2:
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("inf")
+        return real(self, step)
+
+    monkeypatch.setattr(Run, "save", corrupt_then_save)
+    out = tmp_path / "inf"
+    assert main(_args(workdir, out)) == 1
+    assert "step 2: the model has a non-finite weight; checkpoint-2 is not written" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]

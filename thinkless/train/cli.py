@@ -19,6 +19,7 @@ from thinkless.train.checkpoint import CheckpointError
 from thinkless.train.config import ConfigError, describe, load_config
 from thinkless.train.data import DataError
 from thinkless.train.model import ModelError
+from thinkless.train.run import TrainingError
 
 
 def _run_sft(config):
@@ -63,8 +64,15 @@ STAGES = {
 PLOT_HELP = "figures of an RL run from its metrics.jsonl: think ratio, accuracy and length per mode, reward"
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage block): the same shape as every other user mistake."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog.split()[0]} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="thinkless-train",
         description="Train an LLM that learns when to think (Thinkless, arXiv 2505.13379): it opens every answer "
         "with <short> or <think>, learned by warm-up SFT and then DeGRPO.",
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ModelError) as err:
         print(f"thinkless-train {args.stage}: error: {err}", file=sys.stderr)
         return 2
-    except CheckpointError as err:  # not the user's mistake (a full disk): status 1, still one line
+    except (CheckpointError, TrainingError) as err:  # not the user's mistake (a full disk, a NaN): status 1, one line
         print(f"thinkless-train {args.stage}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -128,6 +128,9 @@ class TrainerConfig:
     total_steps: int = _key(100, "training steps (RL: rollout batches, each with its updates; SFT: optimizer steps)")
     save_every: int = _key(50, "write checkpoint-<step>/ every this many steps (and at the end)")
     keep_last: int = _key(2, "checkpoints kept; older ones are deleted")
+    max_skipped_updates: int = _key(
+        3, "stop after this many optimizer updates in a row skipped for a non-finite loss or gradient"
+    )
     seed: int = _key(0, "random seed")
     device: str = _key("auto", "auto (cuda if available), cuda or cpu")
     report_to: str = _key("none", "none, tensorboard or wandb")
@@ -300,7 +303,10 @@ def load_config(
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            what = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {at}{what}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
         for section, values in data.items():
@@ -343,6 +349,7 @@ def validate(config: Config) -> None:
     for name, value, low in [
         ("trainer.batch_size", t.batch_size, 1), ("trainer.total_steps", t.total_steps, 0),
         ("trainer.save_every", t.save_every, 1), ("trainer.keep_last", t.keep_last, 1),
+        ("trainer.max_skipped_updates", t.max_skipped_updates, 1),
         ("rollout.n", r.n, 1), ("rollout.max_new_tokens", r.max_new_tokens, 1),
         ("algo.ppo_epochs", a.ppo_epochs, 1), ("algo.mini_batch_size", a.mini_batch_size, 0),
         ("algo.micro_batch_size", a.micro_batch_size, 1),

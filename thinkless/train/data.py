@@ -27,6 +27,7 @@ A bad row stops the run before it starts, with the file, the row (counting from 
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,17 +59,67 @@ def _table(path: str | Path):
         raise DataError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(FORMATS)}")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
+    import logging
+
     import datasets
 
+    # datasets logs a malformed file's traceback before raising; the one line below says it for the user.
+    logger, level = logging.getLogger("datasets"), logging.getLogger("datasets").level
+    logger.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(kind, data_files=str(path), split="train")
     except Exception as err:  # datasets raises many types for malformed files
-        raise DataError(f"{path}: cannot be read as {kind}: {type(err).__name__}: {err}") from None
+        raise DataError(diagnose(path) or f"{path}: cannot be read as {kind}: {type(err).__name__}: {err}") from None
+    finally:
+        logger.setLevel(level)
+
+
+def diagnose(path: Path) -> str | None:
+    """What is wrong with a json / jsonl file that `datasets` could not read (or decode), as the user will fix it:
+    the byte that is not UTF-8, the line whose JSON is broken. None when nothing is found."""
+    if FORMATS.get(path.suffix.lower()) != "json":
+        return None
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        return f"{path}: line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the file as UTF-8"
+    if not text.strip():
+        return f"{path}: the file is empty"
+    if path.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                column = getattr(err, "colno", "?")
+                return f"{path}: line {n}: invalid JSON: {getattr(err, 'msg', err)} (column {column})"
+            if not isinstance(row, dict):
+                return f"{path}: line {n}: a row must be a JSON object {{...}}, got {type(row).__name__}"
+        return None
+    try:
+        rows = json.loads(text)
+    except ValueError as err:
+        return f"{path}: line {getattr(err, 'lineno', '?')}: invalid JSON: {getattr(err, 'msg', err)}"
+    if isinstance(rows, list) and not rows:
+        return f"{path}: the file holds no rows ([])"
+    if isinstance(rows, list) and not all(isinstance(r, dict) for r in rows):
+        i = next(i for i, r in enumerate(rows) if not isinstance(r, dict))
+        return f"{path}: row {i}: a row must be a JSON object {{...}}, got {type(rows[i]).__name__}"
+    return None
 
 
 def read_rows(path: str | Path) -> list[dict]:
     """All rows of a json, jsonl or parquet file, through `datasets` (as a user's own loading code would)."""
-    return _table(path).to_list()
+    table = _table(path)
+    try:
+        return table.to_list()
+    except (UnicodeDecodeError, ValueError) as err:  # pyarrow decodes strings only here
+        raise DataError(diagnose(Path(path)) or f"{path}: cannot be read: {type(err).__name__}: {err}") from None
 
 
 def iter_rows(path: str | Path):
@@ -76,7 +127,11 @@ def iter_rows(path: str | Path):
     memory is read without holding it."""
     table = _table(path)
     for start in range(0, len(table), 1000):
-        yield from _batch_rows(table[start : start + 1000])
+        try:
+            batch = table[start : start + 1000]
+        except (UnicodeDecodeError, ValueError) as err:
+            raise DataError(diagnose(Path(path)) or f"{path}: cannot be read: {type(err).__name__}: {err}") from None
+        yield from _batch_rows(batch)
 
 
 def _batch_rows(batch: dict) -> list[dict]:
@@ -84,14 +139,14 @@ def _batch_rows(batch: dict) -> list[dict]:
     return [dict(zip(columns, values, strict=True)) for values in zip(*batch.values(), strict=True)]
 
 
-def _text(row: dict, key: str, where: str) -> str:
+def _text(row: dict, key: str, where: str, accept_list: bool = False) -> str:
     if key not in row or row[key] is None:
         present = ", ".join(str(k) for k, v in row.items() if v is not None) or "nothing"
         raise DataError(f"{where}: missing {key!r} (the row has: {present})")
     value = row[key]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = str(value)  # numeric answers, e.g. 42
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+    if accept_list and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         value = value[0]  # accepted answers (Minerva's); the first is the canonical one
     if not isinstance(value, str) or not value.strip():
         raise DataError(f"{where}: {key!r} must be non-empty text, got {value!r}")
@@ -111,7 +166,7 @@ def _field(row: dict, setting: str, key: str, where: str) -> tuple[str, str]:
     """(column, text) of `data.<setting>` in this row; a missing column names what `auto` looked for."""
     column = _column(row, setting, key)
     try:
-        return column, _text(row, column, where)
+        return column, _text(row, column, where, accept_list=setting == "answer_key")
     except DataError as err:
         if key == "auto" and row.get(column) is None:
             options = " or ".join(repr(k) for k in AUTO_KEYS[setting])
@@ -219,18 +274,24 @@ def read_problems(
     out = []
     for file in _files(files, what):
         for i, row in _kept(read_rows(file), file, data):
-            where = f"{file}: row {i}"
-            _, problem = _field(row, "problem_key", data.problem_key, where)
-            value = row.get(_column(row, "answer_key", data.answer_key))
-            if unanswered is not None and (value is None or (isinstance(value, str) and not value.strip())):
-                unanswered.append(where)
-                continue
-            column, text = _field(row, "answer_key", data.answer_key, where)
-            fallback = data.answer_key == "auto" and column != AUTO_KEYS["answer_key"][0]  # a whole solution
-            answer = final_answer(text, data.answer_format, where, column, solution=fallback)
-            tag = _text(row, data.tag_key, where) if data.tag_key else ""
-            out.append(Problem(problem, answer, f"{file}:{i}", tag))
+            problem = problem_of_row(row, f"{file}: row {i}", f"{file}:{i}", data, unanswered)
+            if problem is not None:
+                out.append(problem)
     return out
+
+
+def problem_of_row(row: dict, where: str, source: str, data, unanswered: list[str] | None = None) -> Problem | None:
+    """One row as a Problem, or a DataError that says `where` and what is wrong (None: skipped, unanswered)."""
+    _, problem = _field(row, "problem_key", data.problem_key, where)
+    value = row.get(_column(row, "answer_key", data.answer_key))
+    if unanswered is not None and (value is None or (isinstance(value, str) and not value.strip())):
+        unanswered.append(where)
+        return None
+    column, text = _field(row, "answer_key", data.answer_key, where)
+    fallback = data.answer_key == "auto" and column != AUTO_KEYS["answer_key"][0]  # a whole solution
+    answer = final_answer(text, data.answer_format, where, column, solution=fallback)
+    tag = _text(row, data.tag_key, where) if data.tag_key else ""
+    return Problem(problem, answer, source, tag)
 
 
 def read_problem_texts(files: list[str], data, what: str) -> list[tuple[str, str]]:
@@ -258,30 +319,41 @@ def load_problems(files: list[str], tokenizer, config, what: str = "data.train_f
     ]
 
 
+def sft_example_of_row(row: dict, where: str, source: str, tokenizer, data) -> Example:
+    """One SFT row as an Example, or a DataError that says `where` and what is wrong."""
+    if row.get(data.messages_key) is not None:
+        messages = row[data.messages_key]
+        turns_ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )  # fmt: skip
+        if not turns_ok:
+            raise DataError(f"{where}: {data.messages_key!r} must be a list of {{role, content}} turns (text each)")
+        if messages[-1].get("role") != "assistant" or len(messages) < 2:
+            raise DataError(
+                f"{where}: {data.messages_key!r} must end with the assistant's turn, after at least one other"
+            )
+        response = _text(messages[-1], "content", f"{where}, last turn")
+        try:
+            prompt = chat_prompt(tokenizer, messages[:-1])
+        except Exception as err:  # a chat template rejects turns it does not know (roles, order): jinja's errors
+            raise DataError(f"{where}: the chat template refuses these turns: {type(err).__name__}: {err}") from None
+    else:
+        _, problem = _field(row, "problem_key", data.problem_key, where)
+        response = _text(row, data.response_key, where)
+        prompt = chat_prompt(tokenizer, user_turn(problem, data.instruction, data.instruction_position))
+    if mode_of_text(response) is None:
+        raise DataError(f"{where}: the response must open with <short> or <think>, got {response[:40]!r}...")
+    return Example(prompt=prompt, response=response.lstrip(), source=source)
+
+
 def load_sft(files: list[str], tokenizer, config) -> list[Example]:
     """Warm-up examples: a prompt and a response that opens with `<short>` or `<think>`."""
     data = config.data
     out = []
     for file in _files(files, "data.train_files"):
         for i, row in _kept(read_rows(file), file, data):
-            where = f"{file}: row {i}"
-            if row.get(data.messages_key) is not None:
-                messages = row[data.messages_key]
-                if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-                    raise DataError(f"{where}: {data.messages_key!r} must be a list of {{role, content}} turns")
-                if messages[-1].get("role") != "assistant" or len(messages) < 2:
-                    raise DataError(
-                        f"{where}: {data.messages_key!r} must end with the assistant's turn, after at least one other"
-                    )
-                response = _text(messages[-1], "content", f"{where}, last turn")
-                prompt = chat_prompt(tokenizer, messages[:-1])
-            else:
-                _, problem = _field(row, "problem_key", data.problem_key, where)
-                response = _text(row, data.response_key, where)
-                prompt = chat_prompt(tokenizer, user_turn(problem, data.instruction, data.instruction_position))
-            if mode_of_text(response) is None:
-                raise DataError(f"{where}: the response must open with <short> or <think>, got {response[:40]!r}...")
-            out.append(Example(prompt=prompt, response=response.lstrip(), source=f"{file}:{i}"))
+            out.append(sft_example_of_row(row, f"{file}: row {i}", f"{file}:{i}", tokenizer, data))
     if not out:
         warnings.warn(f"no SFT examples in {files}", stacklevel=2)
     return out

@@ -215,13 +215,9 @@ def check_context(path: str, config, side: str) -> None:
 
 def teacher_tokenizer(path: str, what: str = "distill.short_model"):
     """A generating model's own tokenizer, as it ships (no control tokens: the model has never seen them)."""
-    from transformers import AutoTokenizer
+    from thinkless.train.model import checked_tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{what}={path!r}: cannot load a tokenizer: {first}") from None
+    tokenizer = checked_tokenizer(path, what)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

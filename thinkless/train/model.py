@@ -64,13 +64,10 @@ def check_model_path(path: str, what: str = "model.path") -> None:
 
 def load_tokenizer(path: str):
     """The tokenizer, with the control tokens, a pad token and left padding (for batched generation)."""
-    from transformers import AddedToken, AutoTokenizer
+    from transformers import AddedToken
 
     check_model_path(path, "model.path")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"model.path={path!r}: cannot load a tokenizer: {err}") from None
+    tokenizer = checked_tokenizer(path, "model.path")
     missing = [t for t in CONTROL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing])
@@ -81,6 +78,28 @@ def load_tokenizer(path: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    return tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def checked_tokenizer(path: str, what: str):
+    """AutoTokenizer of `path`, or a ModelError naming `what`. transformers builds an empty tokenizer from a model
+    folder that has none (every text then encodes to nothing): that is refused, as is one that encodes nothing."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        names = ", ".join(TOKENIZER_FILES)
+        raise ModelError(f"{what}={path!r}: cannot load a tokenizer: the folder has none ({names})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(f"{what}={path!r}: cannot load a tokenizer: {first}") from None
+    if not tokenizer("1 + 1 = 2", add_special_tokens=False)["input_ids"]:
+        raise ModelError(f"{what}={path!r}: its tokenizer encodes text to nothing (an empty vocabulary?)")
     return tokenizer
 
 

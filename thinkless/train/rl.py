@@ -33,11 +33,11 @@ from thinkless.train.config import ConfigError
 from thinkless.train.data import DataError, load_problems
 from thinkless.train.dist import Dist, shard_model
 from thinkless.train.eval import validate, validation_examples
-from thinkless.train.model import check_model_path, hidden_states, lm_head, load_model, load_tokenizer
+from thinkless.train.model import ModelError, check_model_path, hidden_states, lm_head, load_model, load_tokenizer
 from thinkless.train.packing import pack
 from thinkless.train.rewards import score
 from thinkless.train.rollout import Rollouts, generate, merge_rollouts
-from thinkless.train.run import Run, batch_indices, grad_norm_value, resolve_model_path, start_run
+from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
 
 
 def _clock(device: torch.device) -> float:
@@ -270,6 +270,10 @@ def run_rl(config) -> Run:
     ref_path = resolve_model_path(config.model.ref_path or config.model.path) if algo_needs_reference(config) else None
     if ref_path is not None:
         check_model_path(ref_path, "model.ref_path")
+        ref_vocab = load_tokenizer(ref_path).get_vocab()
+        if ref_vocab != tokenizer.get_vocab():  # the KL term compares the two models' log-probs of the same ids
+            raise ModelError(f"model.ref_path={ref_path!r} has another vocabulary ({len(ref_vocab)} tokens) than "
+                             f"model.path ({len(tokenizer)}): the reference must share its tokens")  # fmt: skip
     run = start_run(config, "rl")
     trainer, rollout, d = config.trainer, config.rollout, run.dist
     if trainer.batch_size < d.world:
@@ -284,7 +288,8 @@ def run_rl(config) -> Run:
 
         engine = VLLMRollout(str(run.resumed_from or resolve_model_path(config.model.path)), run)
     try:
-        _train(run, config, examples, val_examples, reference, engine)
+        with run.preemption:
+            _train(run, config, examples, val_examples, reference, engine)
     except BaseException:
         if engine is not None:
             try:
@@ -355,7 +360,7 @@ def _train(run: Run, config, examples: list, val_examples: dict, reference, engi
         prompts = sorted(set(ro.prompt_index[keep.to(ro.prompt_index.device)].tolist()))
         per_mini = algo.mini_batch_size or len(prompts) or 1
         keys = LOSS_METRICS
-        sums, n_updates, grad_norm = dict.fromkeys(keys, 0.0), 0, 0.0
+        sums, n_updates, grad_norm, skipped = dict.fromkeys(keys, 0.0), 0, 0.0, 0
         for _ in range(algo.ppo_epochs):
             for m0 in range(0, len(prompts), per_mini):
                 chosen = set(prompts[m0 : m0 + per_mini])
@@ -364,9 +369,8 @@ def _train(run: Run, config, examples: list, val_examples: dict, reference, engi
                 part = mini_batch_backward(run.model, ro, rows, old_logp, ref_logp, loss_advantages, config, d)
                 for key in keys:
                     sums[key] += part[key]
-                grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(run.model.parameters(), algo.max_grad_norm))
-                run.optimizer.step()
-                run.scheduler.step()
+                grad_norm, was_skipped = run.update(part["loss"], step)
+                skipped += was_skipped
                 n_updates += 1
         sums = {k: sum(part[k] for part in d.gather(sums)) for k in keys}  # one collective for all of them
         end = _clock(run.device)
@@ -384,6 +388,7 @@ def _train(run: Run, config, examples: list, val_examples: dict, reference, engi
                 **(tag_metrics(ro, scores, [e.tag for e in batch]) if config.data.tag_key else {}),
                 **is_stats,
                 "updates": n_updates,
+                "skipped_updates": skipped,
                 "grad_norm": grad_norm,
                 "lr": run.optimizer.param_groups[0]["lr"],  # the rate in force (also when no update ran)
                 "tokens_per_s": tokens / seconds,
@@ -396,6 +401,10 @@ def _train(run: Run, config, examples: list, val_examples: dict, reference, engi
             },
         )
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", think=f"{row['think_ratio']:.2f}")
-        if step % trainer.save_every == 0 or step == trainer.total_steps:
+        stopping = run.preemption.stop(d)
+        if stopping or step % trainer.save_every == 0 or step == trainer.total_steps:
             run.save(step)
+        if stopping:
+            run.stopped_at(step)
+            break
     run.metrics.close()

@@ -9,6 +9,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+import signal
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from thinkless.train.dist import (
 from thinkless.train.gguf import GGUFError, convert_gguf, is_gguf
 from thinkless.train.metrics import MetricsLog, NullLog
 from thinkless.train.model import ModelError, load_model, load_tokenizer, resolve_device
+from thinkless.train.preemption import Preemption
 
 
 def resolve_model_path(path: str) -> str:
@@ -61,6 +65,45 @@ class Run:
     rng: dict | None = None  # the checkpoint's RNG states, restored by ready()
     dist: Dist = field(default_factory=Dist)
     rollout_model: torch.nn.Module | None = None  # several ranks: a plain copy of the policy for generation
+    skipped_in_a_row: int = 0  # optimizer updates skipped for a non-finite loss or gradient, consecutively
+    preemption: Preemption = field(default_factory=Preemption)  # SIGTERM / SIGINT: save at the step's end
+
+    def stopped_at(self, step: int) -> None:
+        if self.dist.is_main:
+            signal_name = signal.Signals(self.preemption.received).name if self.preemption.received else "a signal"
+            saved = self.output_dir / f"checkpoint-{step}"
+            print(f"thinkless: stopped by {signal_name} after step {step}, saved as {saved}; run the same command "
+                  "to resume", file=sys.stderr)  # fmt: skip
+
+    def update(self, loss: float, step: int) -> tuple[float, bool]:
+        """Clip the gradients and apply them, unless the loss or the gradient norm is not finite (on any rank):
+        then the gradients are dropped, nothing is applied (weights, optimizer moments, schedule all stay), and a
+        warning names the step and the term. After `trainer.max_skipped_updates` skipped updates in a row the run
+        stops (TrainingError) before anything else is saved. Returns (grad norm, skipped)."""
+        algo = self.config.algo
+        norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), algo.max_grad_norm))
+        bad = [name for name, value in (("loss", loss), ("grad_norm", norm)) if not math.isfinite(value)]
+        code = self.dist.max(int(bool(bad)) + 2 * int("loss" in bad))  # every rank skips together
+        if code == 0:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.skipped_in_a_row = 0
+            return norm, False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_in_a_row += 1
+        term = "loss" if code >= 2 else "grad_norm"
+        limit = self.config.trainer.max_skipped_updates
+        if self.dist.is_main:
+            warnings.warn(f"step {step}: non-finite {term}; this update is skipped ({self.skipped_in_a_row} in a row, "
+                          f"trainer.max_skipped_updates={limit})", stacklevel=2)  # fmt: skip
+        if self.skipped_in_a_row >= limit:
+            last = latest_checkpoint(self.output_dir, verify=False)
+            raise TrainingError(
+                f"step {step}: {self.skipped_in_a_row} updates in a row skipped for a non-finite loss or gradient "
+                f"(trainer.max_skipped_updates={limit}); the last checkpoint, "
+                f"{last.name if last is not None else 'none yet'}, is as it was. Lower algo.lr, check the data"
+            )
+        return norm, True
 
     def sync_rollout_model(self) -> torch.nn.Module:
         """The model that generates: the policy itself, or with several ranks its plain copy, refreshed from the
@@ -82,8 +125,12 @@ class Run:
             seed_everything(self.config.trainer.seed + 1000 * self.dist.rank + self.step)
 
     def save(self, step: int) -> Path:
-        """Every rank calls it (the states are gathered); rank 0 writes."""
+        """Every rank calls it (the states are gathered); rank 0 writes. A non-finite weight is never written."""
         d = self.dist
+        finite = all(bool(torch.isfinite(p.detach().to_local() if hasattr(p, "to_local") else p).all())
+                     for p in self.model.parameters())  # fmt: skip
+        if d.max(int(not finite)):
+            raise TrainingError(f"step {step}: the model has a non-finite weight; checkpoint-{step} is not written")
         state = {"stage": self.stage, "data_position": step * self.config.trainer.batch_size}
         if self.optimizer is not None:
             state.update(
@@ -98,6 +145,10 @@ class Run:
             )
         d.barrier()
         return path
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite updates, weights): the CLI prints it as one line (exit status 1)."""
 
 
 def grad_norm_value(norm) -> float:

@@ -19,7 +19,7 @@ from thinkless.kernels import fused_linear_cross_entropy
 from thinkless.train.data import DataError, Example, load_sft
 from thinkless.train.model import hidden_states, lm_head, load_tokenizer
 from thinkless.train.packing import micro_batches, pack
-from thinkless.train.run import Run, batch_indices, grad_norm_value, resolve_model_path, start_run
+from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
 
 
 def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[bool]]:
@@ -76,39 +76,43 @@ def run_sft(config) -> Run:
     trainer, algo, d = config.trainer, config.algo, run.dist
     bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="sft",
                disable=not d.is_main)  # fmt: skip
-    for step in bar:
-        start = time.perf_counter()
-        batch = [encoded[i] for i in batch_indices(len(encoded), trainer.batch_size, step, trainer.seed)]
-        n_tokens = sum(sum(counted[1:]) for _, counted in batch)  # the whole batch's: every rank knows it
-        mine = d.shard(batch)
-        run.optimizer.zero_grad(set_to_none=True)
-        loss_sum, entropy_sum = 0.0, 0.0
-        for micro in d.aligned(sft_micro_batches(mine, algo)):
-            loss, metrics = sft_loss(run.model, run.tokenizer, micro or batch[:1], run.device, algo.padding_free)
-            # Token-mean over the whole batch; a None micro-batch only keeps FSDP's collectives in step.
-            share = 0.0 if micro is None else metrics["tokens"].item() / max(n_tokens, 1)
-            (loss * share * d.loss_scale).backward()
-            loss_sum += loss.item() * share
-            entropy_sum += metrics["entropy"].item() * share
-        loss_sum, entropy_sum = d.sum(loss_sum), d.sum(entropy_sum)
-        grad_norm = grad_norm_value(torch.nn.utils.clip_grad_norm_(run.model.parameters(), algo.max_grad_norm))
-        run.optimizer.step()
-        run.scheduler.step()
-        seconds = time.perf_counter() - start
-        row = run.metrics.log(
-            step,
-            {
-                "loss": loss_sum,
-                "entropy": entropy_sum,
-                "grad_norm": grad_norm,
-                "lr": run.optimizer.param_groups[0]["lr"],
-                "tokens": n_tokens,
-                "tokens_per_s": n_tokens / seconds,
-                "step_seconds": seconds,
-            },
-        )
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if step % trainer.save_every == 0 or step == trainer.total_steps:
-            run.save(step)
+    with run.preemption:
+        for step in bar:
+            start = time.perf_counter()
+            batch = [encoded[i] for i in batch_indices(len(encoded), trainer.batch_size, step, trainer.seed)]
+            n_tokens = sum(sum(counted[1:]) for _, counted in batch)  # the whole batch's: every rank knows it
+            mine = d.shard(batch)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss_sum, entropy_sum = 0.0, 0.0
+            for micro in d.aligned(sft_micro_batches(mine, algo)):
+                loss, metrics = sft_loss(run.model, run.tokenizer, micro or batch[:1], run.device, algo.padding_free)
+                # Token-mean over the whole batch; a None micro-batch only keeps FSDP's collectives in step.
+                share = 0.0 if micro is None else metrics["tokens"].item() / max(n_tokens, 1)
+                (loss * share * d.loss_scale).backward()
+                loss_sum += loss.item() * share
+                entropy_sum += metrics["entropy"].item() * share
+            loss_sum, entropy_sum = d.sum(loss_sum), d.sum(entropy_sum)
+            grad_norm, skipped = run.update(loss_sum, step)
+            seconds = time.perf_counter() - start
+            row = run.metrics.log(
+                step,
+                {
+                    "loss": loss_sum,
+                    "entropy": entropy_sum,
+                    "grad_norm": grad_norm,
+                    "skipped_updates": int(skipped),
+                    "lr": run.optimizer.param_groups[0]["lr"],
+                    "tokens": n_tokens,
+                    "tokens_per_s": n_tokens / seconds,
+                    "step_seconds": seconds,
+                },
+            )
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            stopping = run.preemption.stop(d)
+            if stopping or step % trainer.save_every == 0 or step == trainer.total_steps:
+                run.save(step)
+            if stopping:
+                run.stopped_at(step)
+                break
     run.metrics.close()
     return run
