@@ -4,6 +4,7 @@ intact; each run ends bit-identical to an uninterrupted one (CPU, tiny random Qw
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import tiny
@@ -68,12 +69,13 @@ def test_every_checkpoint_has_a_manifest_that_catches_damage(straight, tmp_path)
     assert verify_checkpoint(copy) == "tokenizer.json is missing"
 
 
-def test_a_truncated_checkpoint_is_skipped_and_the_run_ends_identical(workdir, straight, tmp_path):
+@pytest.mark.parametrize("cut", ["model.safetensors", "trainer_state.pt"])
+def test_a_truncated_checkpoint_is_skipped_and_the_run_ends_identical(workdir, straight, tmp_path, cut):
     out = tmp_path / "truncated"
     assert main(_args(workdir, out, "trainer.total_steps=3")) == 0
-    weights = out / "checkpoint-3" / "model.safetensors"
+    weights = out / "checkpoint-3" / cut
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
-    with pytest.warns(UserWarning, match=r"checkpoint-3 is damaged \(model.safetensors has \d+ bytes"):
+    with pytest.warns(UserWarning, match=rf"checkpoint-3 is damaged \({cut} has \d+ bytes"):
         assert main(_args(workdir, out)) == 0
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # step 3 again, from checkpoint-2
@@ -188,3 +190,37 @@ def test_a_non_finite_weight_is_never_saved(workdir, tmp_path, monkeypatch, caps
     assert main(_args(workdir, out)) == 1
     assert "step 2: the model has a non-finite weight; checkpoint-2 is not written" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
+
+
+def test_a_save_below_a_damaged_checkpoint_sets_it_aside(workdir, tmp_path):
+    """keep_last=1: the only checkpoint (3) is damaged, the run starts over and stops at step 2: checkpoint-2 is
+    kept (not pruned for the damaged, higher one), which goes to checkpoint-3.damaged and is never resumed from."""
+    from thinkless.train.checkpoint import latest_checkpoint
+
+    out = tmp_path / "aside"
+    assert main(_args(workdir, out, "trainer.total_steps=3", "trainer.keep_last=1")) == 0
+    weights = out / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match=r"resuming from model.path \(no other checkpoint is left\)"):
+        assert main(_args(workdir, out, "trainer.total_steps=2", "trainer.keep_last=1")) == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint-2", "checkpoint-3.damaged"
+    ]  # fmt: skip
+    assert latest_checkpoint(out) == out / "checkpoint-2"
+
+
+def test_any_write_error_of_a_save_is_a_checkpoint_error(tmp_path):
+    """safetensors reports a full disk as its own SafetensorError (an Exception, not an OSError)."""
+    from thinkless.train.checkpoint import CheckpointError, save_checkpoint
+
+    class SafetensorError(Exception):
+        pass
+
+    class Model:
+        def save_pretrained(self, folder, state_dict=None):
+            Path(folder).mkdir(parents=True)
+            raise SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+    with pytest.raises(CheckpointError, match=r"checkpoint-5: SafetensorError: Error while serializing.*no earlier"):
+        save_checkpoint(tmp_path, 5, Model(), None, {}, keep_last=2)
+    assert not list(tmp_path.iterdir())  # no checkpoint-5.tmp left behind

@@ -6,7 +6,8 @@ memory speed: a 15 GB checkpoint costs seconds, not the minutes of a cryptograph
 latest one against it and falls back to the previous good one, with a warning naming the bad one (a disk that
 filled up, a copy cut short, a bit flipped in transfer). Only the last `keep_last` are kept. A save that fails
 (disk full, no permission) removes its temporary folder, leaves the previous checkpoints as they were, and raises
-`CheckpointError`.
+`CheckpointError`. A save at a step below existing checkpoints (the run fell back from damaged ones) renames those
+to `checkpoint-<step>.damaged`: never resumed from, never counted by `keep_last`.
 """
 
 from __future__ import annotations
@@ -47,11 +48,13 @@ def checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(output_dir: str | Path, verify: bool = True) -> Path | None:
     """The newest checkpoint whose files match its manifest (`verify`), warning about each newer one that does not;
     None when there is none."""
-    for _, path in reversed(checkpoints(output_dir)):
+    found = checkpoints(output_dir)
+    for k, (_, path) in enumerate(reversed(found)):
         problem = verify_checkpoint(path) if verify else None
         if problem is None:
             return path
-        warnings.warn(f"{path} is damaged ({problem}); resuming from the checkpoint before it", stacklevel=2)
+        fallback = "the checkpoint before it" if k + 1 < len(found) else "model.path (no other checkpoint is left)"
+        warnings.warn(f"{path} is damaged ({problem}); resuming from {fallback}", stacklevel=2)
     return None
 
 
@@ -125,7 +128,7 @@ def save_checkpoint(
         tokenizer.save_pretrained(tmp)
         torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
         write_manifest(tmp)
-    except (OSError, RuntimeError) as err:  # disk full, no permission, a failed serialisation
+    except Exception as err:  # disk full, no permission (OSError, safetensors' SafetensorError), serialisation
         shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(out, verify=False)
         kept = f"{previous.name} is intact" if previous is not None else "no earlier checkpoint exists"
@@ -137,8 +140,14 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    for later, path in checkpoints(out):  # newer than this step: damaged ones the run fell back from
+        if later > step:
+            aside = out / f"checkpoint-{later}.damaged"
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(path, aside)
     for _, old in checkpoints(out)[: -max(1, keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -252,7 +252,9 @@ def lr_lambda(algo, total: int):
 
 def check_output_dir(config, stage: str) -> None:
     """A run folder belongs to one stage: resuming an SFT run as RL (or the reverse) would mix their optimizers."""
-    checkpoint = latest_checkpoint(config.trainer.output_dir, verify=False)
+    with warnings.catch_warnings():  # start_run verifies (and warns about damage) once more, when it resumes
+        warnings.simplefilter("ignore")
+        checkpoint = latest_checkpoint(config.trainer.output_dir)
     if checkpoint is None:
         return
     found = load_state(checkpoint).get("stage", stage)
