@@ -401,10 +401,6 @@ def _train(run: Run, config, examples: list, val_examples: dict, reference, engi
             },
         )
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", think=f"{row['think_ratio']:.2f}")
-        stopping = run.preemption.stop(d)
-        if stopping or step % trainer.save_every == 0 or step == trainer.total_steps:
-            run.save(step)
-        if stopping:
-            run.stopped_at(step)
+        if run.end_step(step):
             break
     run.metrics.close()

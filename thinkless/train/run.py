@@ -68,6 +68,17 @@ class Run:
     skipped_in_a_row: int = 0  # optimizer updates skipped for a non-finite loss or gradient, consecutively
     preemption: Preemption = field(default_factory=Preemption)  # SIGTERM / SIGINT: save at the step's end
 
+    def end_step(self, step: int) -> bool:
+        """Save when due (`trainer.save_every`, the last step) or when a signal asked to stop, which every rank
+        learns here at the same step. True: the run stops now."""
+        t = self.config.trainer
+        stopping = self.preemption.stop(self.dist)
+        if stopping or step % t.save_every == 0 or step == t.total_steps:
+            self.save(step)
+        if stopping:
+            self.stopped_at(step)
+        return stopping
+
     def stopped_at(self, step: int) -> None:
         if self.dist.is_main:
             signal_name = signal.Signals(self.preemption.received).name if self.preemption.received else "a signal"

@@ -108,11 +108,7 @@ def run_sft(config) -> Run:
                 },
             )
             bar.set_postfix(loss=f"{row['loss']:.4f}")
-            stopping = run.preemption.stop(d)
-            if stopping or step % trainer.save_every == 0 or step == trainer.total_steps:
-                run.save(step)
-            if stopping:
-                run.stopped_at(step)
+            if run.end_step(step):
                 break
     run.metrics.close()
     return run
