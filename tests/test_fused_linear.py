@@ -94,6 +94,39 @@ def test_fp32_matches_float64_reference(backend, V, T, option):
         assert metrics[key].item() == truth_metrics[key].item()
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("option", ["degrpo_t0.6", "kl_k3_bias_t0.6", "entropy_sum_norm_clamp"])
+def test_on_policy_equals_a_separate_old_logprob_pass(backend, option):
+    """old_logp=None (the trainer's on-policy shortcut) gives the loss, gradients and metrics of the path it
+    replaces: the old log-probs from a separate token_logprobs pass over the same weights; both against the float64
+    reference with the exact old log-probs (ratio 1)."""
+    opts = OPTIONS[option]
+    kl = "kl_type" in opts
+    hidden, weight, bias, targets, _, adv, mask, ref = _inputs(3, 40, 257, seed=7, kl=kl, bias="bias" in option)
+    ref = ref if kl else None
+    temperature = opts["temperature"]
+    exact_old, _ = reference.token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature)
+    truth = _run(reference.fused_linear_degrpo_loss, hidden, weight, bias, targets, exact_old, adv, mask, ref,
+                 torch.float64, opts)  # fmt: skip
+    f32 = lambda x: x.float() if x is not None else None  # noqa: E731
+    separate_old = token_logprobs(f32(hidden), f32(weight), targets, bias=f32(bias), temperature=temperature)
+    kw = dict(backend=backend, chunk_size=37)
+    separate = _run(fused_linear_degrpo_loss, hidden, weight, bias, targets, separate_old, adv, mask, ref,
+                    torch.float32, opts, **kw)  # fmt: skip
+    on_policy = _run(fused_linear_degrpo_loss, hidden, weight, bias, targets, None, adv, mask, ref, torch.float32,
+                     opts, **kw)  # fmt: skip
+    assert on_policy[1]["clip_frac"].item() == 0.0  # ratio 1: nothing clipped
+    for got in (on_policy, separate):
+        assert cases.rel_err(got[0], truth[0]) < 1e-5
+        for grad, want in zip(got[2], truth[2], strict=True):
+            assert cases.rel_err(grad, want) < 1e-5
+    assert cases.rel_err(on_policy[0], separate[0]) < 1e-6
+    for grad, want in zip(on_policy[2], separate[2], strict=True):
+        assert cases.rel_err(grad, want) < 1e-6
+    for key in ("control_loss", "response_loss", "kl", "entropy", "ratio_mean"):
+        assert abs(on_policy[1][key].item() - separate[1][key].item()) <= 1e-6 * (1 + abs(separate[1][key].item()))
+
+
 def _torch_bf16_path(hidden, weight, bias, targets, old, adv, mask, ref, opts):
     """What a user gets from torch in bf16: the lm_head GEMM in bf16, the softmax in fp32, autograd back."""
     return _run(

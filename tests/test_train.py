@@ -202,6 +202,44 @@ def test_rl_with_kl_filtered_groups_and_short_prompts(workdir, capsys):
         assert r["updates"] == (0 if r["groups_all_wrong"] == 4 else 1)
 
 
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_on_policy_shortcut_equals_the_separate_pass(workdir, monkeypatch, padding_free):
+    """One update per step: the old log-probs come from the training forward (ratio 1), no separate pass. The
+    losses, metrics and trained weights equal those of the path it replaces (a separate old-policy pass)."""
+    from safetensors.torch import load_file
+
+    from thinkless.train import rl
+
+    def run(name, shortcut):
+        with monkeypatch.context() as m:
+            if not shortcut:
+                m.setattr(rl, "on_policy", lambda config, model: False)
+            out = workdir / name
+            rl.run_rl(_config(
+                workdir, "rl", f"model.path={workdir / 'base'}", f"trainer.output_dir={out}", "trainer.total_steps=2",
+                "algo.entropy_coef=0.05", "algo.kl_coef=0.05", f"model.ref_path={workdir / 'base'}",
+                f"algo.padding_free={str(padding_free).lower()}", "algo.micro_batch_size=3",
+            ))  # fmt: skip
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return rows, load_file(out / "checkpoint-2" / "model.safetensors")
+
+    (fast, fast_weights), (slow, slow_weights) = run("shortcut", True), run("separate", False)
+    assert [r["logprob_path"] for r in fast] == ["on_policy"] * 2 and [r["logprob_path"] for r in slow] == [
+        "separate"
+    ] * 2
+    for a, b in zip(fast, slow, strict=True):
+        assert a["response_tokens_mean"] == b["response_tokens_mean"] and a["reward_mean"] == b["reward_mean"]
+        for key in ("loss", "control_loss", "response_loss", "kl", "entropy", "grad_norm", "rollout_logp_diff"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+        assert a["clip_frac"] == 0.0 and a["rollout_logp_diff"] < 1e-4
+    assert fast_weights.keys() == slow_weights.keys()
+    changed = 0
+    for name, w in fast_weights.items():
+        torch.testing.assert_close(w, slow_weights[name], rtol=1e-5, atol=1e-7)
+        changed += int(not torch.equal(w, load_file(workdir / "base" / "model.safetensors").get(name, w)))
+    assert changed > 0  # the steps trained something
+
+
 def test_sft_options_checkpointing_epochs_and_reporting(workdir, tmp_path):
     """Gradient checkpointing gives the same SFT step; PPO epochs and mini-batches multiply the updates; a missing
     report_to package is a one-line settings error."""

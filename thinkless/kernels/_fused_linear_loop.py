@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from thinkless.kernels.degrpo_loss import KL_TYPES, DeGRPOParams, _backward_trit
 class _Tokens:
     """The per-token constants of the loss, flat [N] in chunk order, and the loss weights from the normalisers."""
 
-    old: Tensor
+    old: Tensor | None  # None: on-policy, the old log-probs are the chunk's own (detached): ratio exactly 1
     adv: Tensor
     resp: Tensor  # bool
     ctrl: Tensor  # bool, a subset of resp
@@ -47,7 +47,7 @@ class _Tokens:
     def grad(self, logp: Tensor, backend: str) -> Tensor:
         """dL/dlogp of these tokens, by the backend's DeGRPO backward."""
         rule = {"torch": _token_grad_torch, "triton": _token_grad_triton, "cpp": _token_grad_native}[backend]
-        return rule(logp, self)
+        return rule(logp, self if self.old is not None else replace(self, old=logp))
 
 
 @dataclass

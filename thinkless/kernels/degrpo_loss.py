@@ -560,8 +560,9 @@ def check_token_inputs(
     shape, device, like: str, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights=None
 ):
     """The per-token constants of the loss, checked against the [B, T] shape and the device of `like`."""
-    old_logp = _checks.floating("old_logp", old_logp)
-    _checks.same_shape("old_logp", old_logp, shape, like)
+    if old_logp is not None:  # None (the fused loss only): on-policy
+        old_logp = _checks.floating("old_logp", old_logp)
+        _checks.same_shape("old_logp", old_logp, shape, like)
     advantages = _checks.floating("advantages", advantages)
     if advantages.shape not in (shape, shape[:1]):
         raise ValueError(
@@ -569,7 +570,9 @@ def check_token_inputs(
         )
     response_mask = _checks.mask("response_mask", response_mask)
     _checks.same_shape("response_mask", response_mask, shape, like)
-    named = {"old_logp": old_logp, "advantages": advantages, "response_mask": response_mask}
+    named = {"advantages": advantages, "response_mask": response_mask}
+    if old_logp is not None:
+        named["old_logp"] = old_logp
     if ref_logp is not None:
         ref_logp = named["ref_logp"] = _checks.floating("ref_logp", ref_logp)
         _checks.same_shape("ref_logp", ref_logp, shape, like)

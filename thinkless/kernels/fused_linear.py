@@ -332,7 +332,7 @@ def fused_linear_degrpo_loss(
     hidden: Tensor,
     weight: Tensor,
     target_ids: Tensor,
-    old_logp: Tensor,
+    old_logp: Tensor | None,
     advantages: Tensor,
     response_mask: Tensor,
     *,
@@ -366,8 +366,11 @@ def fused_linear_degrpo_loss(
         weight: [V, H] lm_head weight; its dtype decides the arithmetic (hidden and bias are cast to it).
         bias: optional [V].
         target_ids: integer [B, T], the sampled tokens; ids outside [0, V) are allowed only off the response mask.
-        old_logp, advantages, response_mask, ref_logp, control_mask, alpha, clip_low, clip_high, kl_coef,
-            kl_type, kl_clamp, decoupled, loss_agg, loss_agg_norm, normalizers, token_weights: as in `degrpo_loss`.
+        old_logp: as in `degrpo_loss`, or None when the samples are on-policy (one update on fresh samples): the
+            old log-probs are then these log-probs, detached, so the ratio is exactly 1, and no separate pass has
+            to compute them (TRL and verl do the same). The gradient is that of old_logp = these log-probs.
+        advantages, response_mask, ref_logp, control_mask, alpha, clip_low, clip_high, kl_coef, kl_type,
+            kl_clamp, decoupled, loss_agg, loss_agg_norm, normalizers, token_weights: as in `degrpo_loss`.
         entropy_coef: the entropy bonus (the authors' entropy_coeff, 1e-3): the loss subtracts entropy_coef x the
             entropy summed over response tokens / the normalizers' response_tokens.
         temperature: the sampling temperature; logits are divided by it.
@@ -414,7 +417,7 @@ def fused_linear_degrpo_loss(
 
     flat = lambda pick, x: pick(x.reshape(-1)).to(compute).contiguous()
     make_tokens = lambda pick: _Tokens(  # noqa: E731
-        old=flat(pick, old_logp),
+        old=flat(pick, old_logp) if old_logp is not None else None,
         adv=flat(pick, adv),
         resp=pick(resp).contiguous(),
         ctrl=pick(ctrl).contiguous(),
@@ -429,8 +432,9 @@ def fused_linear_degrpo_loss(
     )
     with torch.no_grad():
         loss, metrics = degrpo_loss(
-            logp, old_logp, advantages, response_mask, ref_logp=ref_logp, control_mask=control_mask,
-            normalizers=normalizers, token_weights=token_weights, backend=backend, **vars(params),
+            logp, logp if old_logp is None else old_logp, advantages, response_mask, ref_logp=ref_logp,
+            control_mask=control_mask, normalizers=normalizers, token_weights=token_weights, backend=backend,
+            **vars(params),
         )  # fmt: skip
         mean_entropy = torch.where(response_mask, entropy, 0.0).sum() / counts[1].clamp(min=1)
         metrics["entropy"] = mean_entropy.to(entropy.dtype)

@@ -1,9 +1,9 @@
 """RL with DeGRPO: sample, reward, group-relative advantages, then the decoupled PPO loss on the policy.
 
-One step: `trainer.batch_size` prompts -> `rollout.n` samples each (HF generate or vLLM) -> rewards from the mode
-and the \\boxed{} answer -> `group_advantages` by prompt -> old-policy (and reference) log-probs by
-`token_logprobs` -> `algo.ppo_epochs` passes of `fused_linear_degrpo_loss` over mini-batches of prompts,
-micro-batches of sequences.
+One step: `trainer.batch_size` prompts -> `rollout.n` samples each (HF generate, compiled or not, or vLLM) ->
+rewards from the mode and the \\boxed{} answer -> `group_advantages` by prompt -> old-policy (unless on-policy,
+see `on_policy`) and reference log-probs by `token_logprobs` -> `algo.ppo_epochs` passes of
+`fused_linear_degrpo_loss` over mini-batches of prompts, micro-batches of sequences.
 
 Unlike vanilla GRPO, the control token's loss is normalised on its own and weighted by `algo.alpha`, so the
 thousands of tokens of a long answer no longer drown the one token that picks the mode (Fang et al., 2025).
@@ -120,9 +120,12 @@ def mini_batch_normalizers(ro: Rollouts, rows: list[int]) -> Normalizers:
     return Normalizers.count(ro.response_mask[rows, 1:])
 
 
-def policy_loss(model, ro: Rollouts, idx: list[int], old_logp, ref_logp, advantages, config, normalizers=None):
+def policy_loss(
+    model, ro: Rollouts, idx: list[int], old_logp, ref_logp, advantages, config, normalizers=None, logp_out=None
+):
     """The DeGRPO loss and metrics of one micro-batch of sequences, padded or packed (`algo.padding_free`), with
-    the mini-batch's `normalizers` (default: the micro-batch's own counts)."""
+    the mini-batch's `normalizers` (default: the micro-batch's own counts). `old_logp` None: on-policy (the old
+    log-probs are those of this forward, detached). `logp_out` [S, L-1]: receives this forward's log-probs."""
     algo = config.algo
     options = loss_options(config)
     if algo.padding_free:
@@ -133,17 +136,46 @@ def policy_loss(model, ro: Rollouts, idx: list[int], old_logp, ref_logp, advanta
         token_weights = None
         if algo.loss_agg == "seq_mean_token_mean":
             token_weights = p.gather(sequence_token_weights(ro.response_mask[:, 1:], decoupled=algo.decoupled))
-        return fused_linear_degrpo_loss(
-            hidden, weight, p.target_ids, p.gather(old_logp), _packed_advantages(p, advantages, idx), p.loss_mask,
-            bias=bias, ref_logp=p.gather(ref_logp) if ref_logp is not None else None, control_mask=p.control_mask,
-            normalizers=normalizers, token_weights=token_weights, **options,
+        packed = lambda x: p.gather(x) if x is not None else None  # noqa: E731
+        loss, metrics = fused_linear_degrpo_loss(
+            hidden, weight, p.target_ids, packed(old_logp), _packed_advantages(p, advantages, idx), p.loss_mask,
+            bias=bias, ref_logp=packed(ref_logp), control_mask=p.control_mask, normalizers=normalizers,
+            token_weights=token_weights, **options,
         )  # fmt: skip
+        if logp_out is not None:
+            logp_out[p.rows, p.cols] = metrics["logp"].detach().reshape(-1).float()
+        return loss, metrics
     hidden = hidden_states(model, ro.input_ids[idx, :-1], ro.attention_mask[idx, :-1])
     weight, bias = lm_head(model)
-    return fused_linear_degrpo_loss(
-        hidden, weight, ro.input_ids[idx, 1:], old_logp[idx], advantages[idx], ro.response_mask[idx, 1:], bias=bias,
-        ref_logp=ref_logp[idx] if ref_logp is not None else None, normalizers=normalizers, **options,
+    loss, metrics = fused_linear_degrpo_loss(
+        hidden, weight, ro.input_ids[idx, 1:], old_logp[idx] if old_logp is not None else None, advantages[idx],
+        ro.response_mask[idx, 1:], bias=bias, ref_logp=ref_logp[idx] if ref_logp is not None else None,
+        normalizers=normalizers, **options,
     )  # fmt: skip
+    if logp_out is not None:
+        logp_out[idx] = metrics["logp"].detach().float()
+    return loss, metrics
+
+
+def on_policy(config, model) -> bool:
+    """Whether the step's samples are on-policy when the loss sees them: one update per step (one PPO epoch over one
+    mini-batch), no importance correction (it needs the old log-probs first) and no dropout (the training forward
+    must be the old policy's). Then the old log-probs are the training forward's own, detached: the ratio is exactly
+    1 and no separate pass runs (as TRL and verl do). Otherwise they come from a pass of their own."""
+    algo = config.algo
+    one_update = algo.ppo_epochs == 1 and (
+        algo.mini_batch_size == 0 or algo.mini_batch_size >= config.trainer.batch_size
+    )
+    return one_update and not algo.is_correction and not has_dropout(model)
+
+
+def has_dropout(model) -> bool:
+    """A dropout layer or a config dropout rate above 0 (attention dropout is a config value in Hugging Face models)."""
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    rates = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+    return any(float(getattr(config, name, 0) or 0) > 0 for name in rates)
 
 
 def _packed_advantages(p, advantages: torch.Tensor, idx: list[int]) -> torch.Tensor:
@@ -233,10 +265,12 @@ def fitting_prompts(examples: list, tokenizer, config) -> list:
 LOSS_METRICS = ("loss", "control_loss", "response_loss", "clip_frac", "kl", "entropy")
 
 
-def mini_batch_backward(model, ro: Rollouts, rows: list[int], old_logp, ref_logp, advantages, config, d: Dist):
+def mini_batch_backward(
+    model, ro: Rollouts, rows: list[int], old_logp, ref_logp, advantages, config, d: Dist, logp_out=None
+):
     """Forward and backward of one mini-batch (rollout `rows`): this rank's share of it, cut into micro-batches,
     adds its gradient to `model`'s .grad. Returns this rank's sums of the LOSS_METRICS; over ranks they add up to
-    the mini-batch's values.
+    the mini-batch's values. `old_logp` None: on-policy; `logp_out`: as in `policy_loss`.
 
     Every micro-batch is normalised by the mini-batch's counts, so its loss is its exact share of the mini-batch
     loss, and the sum does not depend on how the rows were cut (micro_batch_size, token budget, padding_free,
@@ -245,7 +279,9 @@ def mini_batch_backward(model, ro: Rollouts, rows: list[int], old_logp, ref_logp
     sums = dict.fromkeys(LOSS_METRICS, 0.0)
     for idx in d.aligned(micro_batches(ro, d.shard(rows), config.algo)):
         dummy = idx is None  # a pass that keeps FSDP's collectives in step: zero weight
-        loss, metrics = policy_loss(model, ro, idx or rows[:1], old_logp, ref_logp, advantages, config, normalizers)
+        loss, metrics = policy_loss(
+            model, ro, idx or rows[:1], old_logp, ref_logp, advantages, config, normalizers, None if dummy else logp_out
+        )
         share = 0.0 if dummy else 1.0
         # FSDP averages the ranks' gradients; loss_scale (= world) makes that average the sum.
         (loss * share * d.loss_scale).backward()
@@ -340,12 +376,16 @@ def _train(run: Run, config, examples: list, val_examples: dict, reference, engi
             for g in ro.prompt_index.unique().cpu():
                 members = ro.prompt_index.cpu() == g
                 keep[members] = bool(rewards[members].std() > 0) if members.sum() > 1 else False
-        # The old policy's log-probs come from the sampler (the same weights; no collective in a plain copy).
-        old_logp = all_logprobs(sampler, ro, rollout.temperature, algo, d, sharded=sampler is run.model)
+        # The old policy's log-probs: on-policy, the training forward's own; else from the sampler (the same
+        # weights; no collective in a plain copy).
+        shortcut = on_policy(config, run.model)
+        old_logp = None
+        if not shortcut:
+            old_logp = all_logprobs(sampler, ro, rollout.temperature, algo, d, sharded=sampler is run.model)
         ref_logp = all_logprobs(reference, ro, rollout.temperature, algo, d, sharded=True) if reference else None
         scored = _clock(run.device)
         loss_advantages, is_stats = advantages, {}
-        if ro.rollout_logp is not None:
+        if ro.rollout_logp is not None and old_logp is not None:
             response = ro.response_mask[:, 1:]
             known = response & ~ro.rollout_logp.isnan()  # an engine may leave a token's log-prob out: weight 1
             rollout_logp = torch.where(known, ro.rollout_logp, old_logp)
@@ -361,18 +401,30 @@ def _train(run: Run, config, examples: list, val_examples: dict, reference, engi
         per_mini = algo.mini_batch_size or len(prompts) or 1
         keys = LOSS_METRICS
         sums, n_updates, grad_norm, skipped = dict.fromkeys(keys, 0.0), 0, 0.0, 0
+        # On-policy with engine log-probs: the training forward's log-probs, for the rollout_logp_diff figure.
+        seen_logp = torch.full_like(ro.rollout_logp, torch.nan) if shortcut and ro.rollout_logp is not None else None
         for _ in range(algo.ppo_epochs):
             for m0 in range(0, len(prompts), per_mini):
                 chosen = set(prompts[m0 : m0 + per_mini])
                 rows = [i for i, p in enumerate(ro.prompt_index.tolist()) if p in chosen and keep[i]]
                 run.optimizer.zero_grad(set_to_none=True)
-                part = mini_batch_backward(run.model, ro, rows, old_logp, ref_logp, loss_advantages, config, d)
+                part = mini_batch_backward(
+                    run.model, ro, rows, old_logp, ref_logp, loss_advantages, config, d, logp_out=seen_logp
+                )
                 for key in keys:
                     sums[key] += part[key]
                 grad_norm, was_skipped = run.update(part["loss"], step)
                 skipped += was_skipped
                 n_updates += 1
+        if seen_logp is not None:  # this rank's rows: summed over ranks with the loss metrics
+            keys = (*keys, "diff_sum", "diff_count")
+            known = ro.response_mask[:, 1:] & ~ro.rollout_logp.isnan() & ~seen_logp.isnan()
+            sums["diff_sum"] = float((seen_logp - ro.rollout_logp).abs()[known].sum())
+            sums["diff_count"] = int(known.sum())
         sums = {k: sum(part[k] for part in d.gather(sums)) for k in keys}  # one collective for all of them
+        diff_sum, diff_count = sums.pop("diff_sum", 0.0), sums.pop("diff_count", 0)
+        if diff_count:  # no known token: no figure (0 would read as perfect agreement)
+            is_stats["rollout_logp_diff"] = diff_sum / diff_count
         end = _clock(run.device)
         seconds = end - start
         tokens = int(ro.attention_mask.sum())
@@ -384,6 +436,7 @@ def _train(run: Run, config, examples: list, val_examples: dict, reference, engi
             {
                 **val,
                 **{k: v / max(n_updates, 1) for k, v in sums.items()},
+                "logprob_path": "on_policy" if shortcut else "separate",  # where the old log-probs came from
                 **rollout_metrics(ro, scores, rewards),
                 **(tag_metrics(ro, scores, [e.tag for e in batch]) if config.data.tag_key else {}),
                 **is_stats,
