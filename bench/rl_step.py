@@ -39,6 +39,7 @@ VOCAB = 151936
 # padded micro-batches, no gradient checkpointing, no reference model).
 VARIANTS = {
     "base": [],
+    "compiled_rollout": ["rollout.compile=true"],  # static KV cache + compiled decode step (CUDA graphs on GPU)
     "liger_off": ["model.liger=false"],
     "grad_ckpt": ["model.gradient_checkpointing=true"],
     "padding_free": ["algo.padding_free=true"],

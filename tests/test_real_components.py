@@ -133,6 +133,34 @@ def test_rl_with_the_hf_engine_and_resume(work, warmup):
     _check_rollouts(work, warmup)
 
 
+def test_the_compiled_rollout_samples_as_generate_on_the_real_model(work, warmup, monkeypatch):
+    """`rollout.compile=true` on SmolLM2-135M (a Llama) after the warm-up: with torch.multinomial as the draw, the
+    same seed gives generate's tokens, stops and log-probs, through the compiled step (and this environment's own
+    transformers)."""
+    from types import SimpleNamespace
+
+    from thinkless.train import decode
+    from thinkless.train.data import load_problems
+    from thinkless.train.model import load_model, load_tokenizer
+    from thinkless.train.rollout import generate
+
+    monkeypatch.setattr(decode, "EXACT_MULTINOMIAL", True)
+    config = _config(work, f"model.path={warmup}")
+    tokenizer = load_tokenizer(str(warmup / "checkpoint-30"))
+    model = load_model(str(warmup / "checkpoint-30"), tokenizer, config, torch.device("cpu"), trainable=False)
+    assert decode.unsupported(model, 256) is None
+    prompts = [e.prompt for e in load_problems([str(work / "rl.jsonl")], tokenizer, config)[:2]]
+    settings = dict(n=3, temperature=0.6, top_p=0.95, max_new_tokens=40)
+    torch.manual_seed(0)
+    plain = generate(model, tokenizer, prompts, SimpleNamespace(**settings, compile=False))
+    torch.manual_seed(0)
+    fast = generate(model, tokenizer, prompts, SimpleNamespace(**settings, compile=True))
+    assert torch.equal(plain.input_ids, fast.input_ids) and plain.texts == fast.texts
+    assert torch.equal(plain.response_mask, fast.response_mask)
+    torch.testing.assert_close(fast.rollout_logp, plain.rollout_logp, rtol=0, atol=1e-4)
+    assert set(plain.modes) <= {"short", "think"}  # the warm-up taught the format
+
+
 def _check_rollouts(work: Path, warmup: Path, engine: str = "hf") -> None:
     """Sample from the warm-up model as RL does (with either engine) and check the rollouts' ends and modes on
     the real tokenizer."""

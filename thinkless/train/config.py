@@ -74,6 +74,9 @@ class RolloutConfig:
     top_p: float = _key(1.0, "nucleus sampling")
     max_new_tokens: int = _key(4096, "longest response")
     engine: str = _key("hf", "generation engine: hf (transformers generate) or vllm (colocated; the vllm extra)")
+    compile: bool = _key(
+        False, "hf engine: static KV cache and a torch.compile'd decode step (Llama-family models; else generate)"
+    )
     vllm_gpu_memory_utilization: float = _key(0.3, "vllm: share of the GPU's memory for its weights and KV cache")
     vllm_sleep: bool = _key(True, "vllm: release its GPU memory while the policy trains (sleep level 2)")
 

@@ -65,7 +65,8 @@ def sequence_logprobs(model, ro: Rollouts, temperature: float, algo, rows=None, 
     """[S, L-1] log-probs of every next token under `model`, chunked, without autograd (old policy, reference).
     Only `rows` (default: all) are filled; with a sharded model pass `d`, and every rank runs as many passes."""
     was_training = model.training
-    model.eval()  # no dropout: the old policy's log-probs are a constant of the step
+    if was_training:  # (eval() walks every module: worth skipping for a reference, which never trains)
+        model.eval()  # no dropout: the old policy's log-probs are a constant of the step
     S, L = ro.input_ids.shape
     out = torch.zeros(S, L - 1, dtype=torch.float32, device=ro.input_ids.device)
     rows = list(range(S)) if rows is None else rows
@@ -85,7 +86,8 @@ def sequence_logprobs(model, ro: Rollouts, temperature: float, algo, rows=None, 
             hidden = hidden_states(model, ids[:, :-1], attention[:, :-1])
             weight, bias = lm_head(model)
             out[idx] = token_logprobs(hidden, weight, ids[:, 1:], bias=bias, temperature=temperature).float()
-    model.train(was_training)
+    if was_training:
+        model.train()
     return out
 
 
@@ -342,6 +344,7 @@ def _train(run: Run, config, examples: list, val_examples: dict, reference, engi
     """The RL steps from the run's next one to trainer.total_steps."""
     trainer, algo, rollout, d = config.trainer, config.algo, config.rollout, run.dist
     run.ready()
+    shortcut = on_policy(config, run.model)  # the same for every step
     if val_examples and run.step == 0:  # the authors' val_before_train: where the curves start
         run.metrics.log(0, _validation(run, config, 0, val_examples, engine))
     bar = tqdm(range(run.step + 1, trainer.total_steps + 1), initial=run.step, total=trainer.total_steps, desc="rl",
@@ -378,7 +381,6 @@ def _train(run: Run, config, examples: list, val_examples: dict, reference, engi
                 keep[members] = bool(rewards[members].std() > 0) if members.sum() > 1 else False
         # The old policy's log-probs: on-policy, the training forward's own; else from the sampler (the same
         # weights; no collective in a plain copy).
-        shortcut = on_policy(config, run.model)
         old_logp = None
         if not shortcut:
             old_logp = all_logprobs(sampler, ro, rollout.temperature, algo, d, sharded=sampler is run.model)

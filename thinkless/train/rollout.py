@@ -6,10 +6,13 @@ tokens up to and including the first EOS), the mode chosen by the first generate
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from thinkless.train import decode
 from thinkless.train.model import control_token_ids
 from thinkless.train.rewards import SHORT, THINK, mode_of_token
 
@@ -97,12 +100,47 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
-    """`rollout.n` samples for each prompt, by `rollout.temperature`, `top_p`, `max_new_tokens`."""
+    """`rollout.n` samples for each prompt, by `rollout.temperature`, `top_p`, `max_new_tokens`: with
+    `rollout.compile` by the static-cache decoder (`thinkless.train.decode`) where the model allows it, else by
+    Hugging Face `generate`."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     stops = stop_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
+    P = enc["input_ids"].shape[1]
+    why_not = decode.unsupported(model, P + rollout.max_new_tokens) if getattr(rollout, "compile", False) else ""
+    if why_not is None:
+        try:
+            generated, picked = decode.sample(
+                model, enc["input_ids"], enc["attention_mask"], stops, tokenizer.pad_token_id, rollout
+            )
+        finally:
+            model.train(was_training)
+    else:
+        if why_not:
+            _warn_once(f"rollout.compile: {why_not}; sampling with plain generate")
+        try:
+            generated, picked = _hf_generate(model, tokenizer, enc, stops, rollout)
+        finally:
+            model.train(was_training)
+    is_stop = torch.isin(generated, torch.tensor(stops, device=generated.device))
+    # A response ends at its first stop token (kept: the model must learn to stop); everything after is padding.
+    # A pad token sampled before it is an ordinary token of the response.
+    response = (is_stop.long().cumsum(1) - is_stop.long()) == 0
+    prompt_attention = enc["attention_mask"].repeat_interleave(rollout.n, dim=0)
+    prompt_ids = enc["input_ids"].repeat_interleave(rollout.n, dim=0)
+    return assemble(prompt_ids, prompt_attention, generated, response, picked, tokenizer, rollout.n)
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _hf_generate(model, tokenizer, enc, stops: list[int], rollout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generated tokens [S, R] and the log-prob of each under the distribution it was drawn from, by HF
+    `generate`."""
     # Plain temperature (and top_p) sampling, the distribution the loss's log-probs assume: the model's own
     # generation_config (top_k, repetition_penalty, ...) must not reshape it. The warpers are passed as processors,
     # with temperature and top_p 1 to `generate`: its own warpers would run after our recorder, which must see the
@@ -131,18 +169,10 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
         use_cache=True,
     )
     recorder.take(out[:, -1])
-    model.train(was_training)
-    P = enc["input_ids"].shape[1]
-    generated = out[:, P:]
-    is_stop = torch.isin(generated, torch.tensor(stops, device=generated.device))
-    # A response ends at its first stop token (kept: the model must learn to stop); everything after is padding.
-    # A pad token sampled before it is an ordinary token of the response.
-    response = (is_stop.long().cumsum(1) - is_stop.long()) == 0
+    generated = out[:, enc["input_ids"].shape[1] :]
     # One per generated column; an engine step that generate undoes afterwards (it runs one extra step on MPS) adds
     # a record past the last column, cut here.
-    picked = torch.stack(recorder.picked, dim=1)[:, : generated.shape[1]]
-    prompt_attention = enc["attention_mask"].repeat_interleave(rollout.n, dim=0)
-    return assemble(out[:, :P], prompt_attention, generated, response, picked, tokenizer, rollout.n)
+    return generated, torch.stack(recorder.picked, dim=1)[:, : generated.shape[1]]
 
 
 def assemble(prompt_ids, prompt_attention, generated, response, logp, tokenizer, n: int) -> Rollouts:

@@ -1,0 +1,233 @@
+"""The static-cache, compiled HF rollout (`rollout.compile`) against the path it replaces, Hugging Face `generate`.
+
+With `decode.EXACT_MULTINOMIAL` both draw with torch.multinomial from the same random numbers, so the same seed must
+give the same tokens; the recorded log-probs and everything assembled from them must agree too. Three decoder
+families (Qwen2 with q/k/v biases, Llama, Qwen3 with per-head q/k norms), left-padded prompts of several lengths,
+temperature, top_p, and an extra stop token that ends rows early (and the whole batch before max_new_tokens).
+"""
+
+import json
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import tiny
+import torch
+
+from thinkless.train import decode
+from thinkless.train.model import load_tokenizer
+from thinkless.train.rollout import generate
+
+PROMPTS = [
+    "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nFind the sum of all real x with x^2 = 9.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nHow many primes are below 30? Answer in a box.<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def _config(kind: str, tokenizer):
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=kind != "llama",
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    if kind == "qwen2":
+        return Qwen2Config(**common)
+    if kind == "llama":  # SmolLM2's family; untied head, rope scaled as Llama 3 does
+        rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64, "rope_theta": 10000.0}  # fmt: skip
+        return LlamaConfig(**common, rope_parameters=rope)
+    return Qwen3Config(**common, head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    root = tmp_path_factory.mktemp("decode")
+    tiny.make_tokenizer(root / "tok")
+    tokenizer = load_tokenizer(str(root / "tok"))
+    out = {}
+    for i, kind in enumerate(("qwen2", "llama", "qwen3")):
+        torch.manual_seed(i)
+        model = AutoModelForCausalLM.from_config(_config(kind, tokenizer), dtype=torch.float32)
+        with torch.no_grad():  # logits spread like a trained model's: samples that are neither uniform nor fixed
+            model.lm_head.weight.mul_(8.0)
+        out[kind] = model
+    return tokenizer, out
+
+
+def _rollout(**kw):
+    return SimpleNamespace(**{"n": 3, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 20, "compile": False, **kw})
+
+
+def _both(model, tokenizer, settings, compile, seed=0):
+    torch.manual_seed(seed)
+    plain = generate(model, tokenizer, PROMPTS, _rollout(**settings))
+    torch.manual_seed(seed)
+    fast = generate(model, tokenizer, PROMPTS, _rollout(**settings, compile=True)) if compile else None
+    if not compile:  # the static-cache path without torch.compile
+        original = decode.sample
+        decode.sample = lambda *a, **k: original(*a, **{**k, "compile": False})
+        try:
+            torch.manual_seed(seed)
+            fast = generate(model, tokenizer, PROMPTS, _rollout(**settings, compile=True))
+        finally:
+            decode.sample = original
+    return plain, fast
+
+
+def _assert_same(plain, fast):
+    assert torch.equal(plain.input_ids, fast.input_ids)
+    assert torch.equal(plain.attention_mask, fast.attention_mask)
+    assert torch.equal(plain.response_mask, fast.response_mask)
+    assert torch.equal(plain.prompt_index, fast.prompt_index) and torch.equal(plain.lengths, fast.lengths)
+    assert plain.texts == fast.texts and plain.modes == fast.modes and plain.prompt_width == fast.prompt_width
+    torch.testing.assert_close(fast.rollout_logp, plain.rollout_logp, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_same_tokens_and_logprobs_as_generate(models, kind, compile, monkeypatch):
+    monkeypatch.setattr(decode, "EXACT_MULTINOMIAL", True)
+    tokenizer, all_models = models
+    model = all_models[kind]
+    assert decode.unsupported(model, 64) is None
+    plain, fast = _both(model, tokenizer, {"top_p": 0.8 if kind == "qwen3" else 1.0}, compile)
+    _assert_same(plain, fast)
+    assert plain.input_ids.shape[1] == plain.prompt_width + 20  # no row stopped: all 20 tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
+def test_cuda_graphs_decode_like_generate(models):
+    """On CUDA the step runs as CUDA graphs (mode reduce-overhead) and draws with torch.multinomial: the tokens are
+    generate's, the log-probs within bf16-free fp32 tolerance."""
+    tokenizer, all_models = models
+    model = all_models["qwen2"].cuda()
+    try:
+        for settings in ({}, {"top_p": 0.8, "max_new_tokens": 33}):  # a second shape: the graphs re-recorded
+            plain, fast = _both(model, tokenizer, settings, compile=True)
+            _assert_same(plain, fast)
+    finally:
+        model.cpu()
+
+
+def test_stop_tokens_end_rows_and_the_batch(models, monkeypatch):
+    """An extra stop token of the model's generation config (chat models have several) ends its row there, the row
+    is padded after; when every row has stopped, both paths stop before max_new_tokens."""
+    monkeypatch.setattr(decode, "EXACT_MULTINOMIAL", True)
+    tokenizer, all_models = models
+    model = all_models["qwen2"]
+    settings = {"max_new_tokens": 40, "top_p": 0.9}
+    torch.manual_seed(3)
+    probe = generate(model, tokenizer, PROMPTS, _rollout(**settings))
+    # Each row's fifth token becomes a stop: the same seed then samples the same rows up to their first stop, so
+    # every row ends within five tokens, and the batch long before max_new_tokens.
+    stops = sorted(set(probe.input_ids[:, probe.prompt_width + 4].tolist()) - {tokenizer.eos_token_id})
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, *stops])
+    plain, fast = _both(model, tokenizer, settings, compile=False, seed=3)
+    _assert_same(plain, fast)
+    assert (plain.lengths <= 5).all() and plain.input_ids.shape[1] == plain.prompt_width + int(plain.lengths.max())
+    last = plain.input_ids[torch.arange(9), plain.prompt_width + plain.lengths - 1]
+    assert torch.isin(last, torch.tensor(stops)).all()  # each response ends with its stop token, kept
+    assert (plain.input_ids[~plain.attention_mask.bool()] == tokenizer.pad_token_id).all()  # pads after it
+
+
+def test_exponential_race_samples_the_distribution():
+    """The CPU draw: argmax p / E with E = -log(1 - U) is a sample of p (the exponential clocks' race); a zero-
+    probability entry never wins, even against U = 0."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]).expand(200_000, 5)
+    gen = torch.Generator().manual_seed(0)
+    picked = decode.exponential_race(probs, torch.rand(probs.shape, generator=gen))
+    freq = torch.bincount(picked, minlength=5).double() / len(picked)
+    sigma = (probs[0].double() * (1 - probs[0].double()) / len(picked)).sqrt()
+    assert ((freq - probs[0]).abs() <= 5 * sigma + 1e-12).all(), freq
+    assert freq[4] == 0
+    zero = torch.zeros(1, 5)  # U = 0 everywhere: E at its floor, the largest probability wins, never the zero one
+    assert decode.exponential_race(probs[:1], zero).item() == 0
+
+
+def test_cpu_race_keeps_the_recorded_logprobs_exact(models):
+    """The default CPU path (exponential race on uniforms): other random numbers than generate's, but the recorded
+    log-probs are still those of the sampling distribution (the trainer's softmax at the temperature, recomputed
+    by a full forward)."""
+    from thinkless.train.config import AlgoConfig
+    from thinkless.train.rl import sequence_logprobs
+
+    tokenizer, all_models = models
+    model = all_models["llama"]
+    torch.manual_seed(0)
+    ro = generate(model, tokenizer, PROMPTS, _rollout(compile=True))
+    full = sequence_logprobs(model, ro, 0.7, AlgoConfig())
+    response = ro.response_mask[:, 1:]
+    assert (ro.rollout_logp - full)[response].abs().max() < 1e-4
+    assert len(set(map(tuple, ro.input_ids[:, ro.prompt_width :].tolist()))) == 9  # nine different samples
+
+
+def test_unsupported_models_fall_back_to_generate(models, tmp_path):
+    """A model outside the Llama family (GPT-2 here) samples with plain generate under rollout.compile, with one
+    warning that says why; the tokens are generate's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer, _ = models
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=256,
+                                       eos_token_id=tokenizer.eos_token_id))  # fmt: skip
+    assert "gpt2" in decode.unsupported(model, 64)
+    torch.manual_seed(0)
+    plain = generate(model, tokenizer, PROMPTS, _rollout())
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="rollout.compile: model_type 'gpt2'.*plain generate"):
+        fast = generate(model, tokenizer, PROMPTS, _rollout(compile=True))
+    assert torch.equal(plain.input_ids, fast.input_ids)
+
+
+def test_a_failed_compile_decodes_eagerly(models, monkeypatch):
+    """torch.compile unavailable (no C++ compiler, say): one warning, then the same step without it."""
+    monkeypatch.setattr(decode, "EXACT_MULTINOMIAL", True)
+    monkeypatch.setattr(decode, "_FAILED", set())
+    decode._compiled.cache_clear()
+
+    def broken(*args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("Compiler: cc not found\nmore detail")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    tokenizer, all_models = models
+    model = all_models["qwen2"]
+    torch.manual_seed(0)
+    plain = generate(model, tokenizer, PROMPTS, _rollout())
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fast = generate(model, tokenizer, PROMPTS, _rollout(compile=True))
+    messages = [str(w.message) for w in caught if "rollout.compile" in str(w.message)]
+    assert messages == ["rollout.compile: torch.compile failed (Compiler: cc not found); decoding without it"]
+    _assert_same(plain, fast)
+    decode._compiled.cache_clear()
+
+
+def test_rl_step_with_the_compiled_rollout(models, tmp_path):
+    """`thinkless-train rl rollout.compile=true`: two steps train, the samples' recorded log-probs agree with the
+    trainer's (rollout_logp_diff), and the on-policy shortcut ran."""
+    from thinkless.train.config import load_config
+    from thinkless.train.rl import run_rl
+
+    tok = tiny.make_tokenizer(tmp_path / "base")
+    tiny.make_model(tmp_path / "base", tok)
+    rows = json.loads((tiny.DATA / "math_train.json").read_text())[:8]
+    (tmp_path / "rl.json").write_text(json.dumps([{"problem": r["problem"], "answer": r["answer"]} for r in rows]))
+    run_rl(load_config(None, [
+        f"model.path={tmp_path / 'base'}", f"data.train_files=[{tmp_path / 'rl.json'}]",
+        f"trainer.output_dir={tmp_path / 'run'}", "trainer.total_steps=2", "trainer.batch_size=2", "rollout.n=4",
+        "rollout.max_new_tokens=10", "rollout.compile=true", "algo.entropy_coef=0.01", "trainer.device=cpu",
+    ]))  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["logprob_path"] == "on_policy" and r["updates"] == 1 and r["samples"] == 8
+        assert r["rollout_logp_diff"] < 1e-4

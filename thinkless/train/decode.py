@@ -1,0 +1,242 @@
+"""The HF engine's fast path (`rollout.compile`): a static KV cache and a compiled decode step.
+
+At the sizes RL samples at, Hugging Face `generate` spends most of each new token in Python: logits processors,
+stopping criteria, cache bookkeeping and masks rebuilt per token. Here the prompt goes through the model's own
+forward once (the prefill: so the first token, the mode, sees exactly `generate`'s logits), its keys and values are
+copied into a preallocated cache [S, kv heads, C, head dim] per layer, and every further token is one call of
+`decode_step`: the model's own norms, projections and MLPs around an attention over the whole static cache under a
+mask. With every shape fixed, `torch.compile` turns the step into one graph (inductor's C++ on CPU; on CUDA it also
+records CUDA graphs, mode "reduce-overhead").
+
+The sampling is `thinkless.train.rollout.generate`'s, op for op: scores = logits / temperature, top_p by the rule
+of transformers' TopPLogitsWarper, a draw from their softmax, a stop token ends its row (kept) and pads follow, and
+the recorded log-prob of each token is log_softmax of the final scores. The draw is `torch.multinomial` (the random
+numbers `generate` draws: with the same seed the tokens are `generate`'s, up to the last bits of the logits, which
+the compiled kernels sum in another order), except on CPU, where the same exponential race runs on cheaper uniform
+draws (`exponential_race`).
+
+Models: the Llama family of decoders (model_type llama, mistral, qwen2, qwen3) with a rotary embedding that does not
+depend on the sequence length and no sliding window in reach. `unsupported(model)` says why another model is not;
+`rollout.generate` then runs plain `generate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def unsupported(model, length: int) -> str | None:
+    """Why `model` cannot take the static-cache path for sequences of `length` tokens (None: it can)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in MODEL_TYPES:
+        return f"model_type {kind!r} (the static-cache path knows {', '.join(MODEL_TYPES)})"
+    inner = getattr(model, "model", None)
+    rotary = getattr(inner, "rotary_emb", None)
+    if rotary is None or not hasattr(inner, "layers") or not hasattr(inner, "embed_tokens"):
+        return f"{type(model).__name__} has no model.layers / embed_tokens / rotary_emb"
+    if getattr(rotary, "rope_type", "default") in LENGTH_DEPENDENT_ROPE:
+        return f"rope_type {rotary.rope_type!r} depends on the sequence length"
+    for layer in inner.layers:
+        window = getattr(layer.self_attn, "sliding_window", None)
+        if window is not None and window < length:
+            return f"a sliding window of {window} tokens below the sequence length {length}"
+    return None
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, the rotate-half layout of these models."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def decode_step(model, tokens, positions, column, rotary, mask, keys, values):
+    """Logits [S, V] (float32) of the next token after `tokens` [S], which sit at cache `column` (a 0-d tensor).
+
+    positions [S]: each row's position of `tokens`; rotary: (cos, sin) [C, D] of every position; mask bool [S, C]:
+    the cache columns each row may attend to (its real prompt tokens and every generated column; those after
+    `column` are cut here); keys, values: per layer [S, Hkv, C, D], written at `column` in place."""
+    inner = model.model
+    S, C = mask.shape
+    x = inner.embed_tokens(tokens[:, None])  # [S, 1, hidden]
+    cos, sin = rotary[0][positions][:, None, None, :], rotary[1][positions][:, None, None, :]
+    attend = (mask & (torch.arange(C, device=mask.device) <= column))[:, None, None, :]  # [S, 1, 1, C]
+    for layer, k_cache, v_cache in zip(inner.layers, keys, values, strict=True):
+        attn = layer.self_attn
+        D = k_cache.shape[-1]
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(S, 1, -1, D)
+        k = attn.k_proj(h).view(S, 1, -1, D)
+        v = attn.v_proj(h).view(S, 1, -1, D)
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before the rotation
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [S, heads, 1, D]
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        k_cache.index_copy_(2, column.view(1), k)
+        v_cache.index_copy_(2, column.view(1), v)
+        # One query per row: a plain softmax(q K^T) V, which the compiler fuses, rather than a flash kernel built
+        # for long queries (measured: 4x faster on CPU at 32 rows x 192 columns). Query heads grouped per KV head.
+        G = q.shape[1] // k_cache.shape[1]
+        qg = q.reshape(S, k_cache.shape[1], G, D).float()
+        scores = torch.matmul(qg, k_cache.float().transpose(-1, -2)) * attn.scaling  # [S, Hkv, G, C]
+        scores = scores.masked_fill(~attend, -float("inf"))
+        out = torch.matmul(scores.softmax(dim=-1), v_cache.float()).to(q.dtype)  # [S, Hkv, G, D]
+        x = x + attn.o_proj(out.reshape(S, 1, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return model.lm_head(inner.norm(x))[:, 0].float()
+
+
+def sample_step(model, tokens, positions, column, rotary, mask, keys, values, unfinished, stop_ids, pad_id: int,
+                temperature: float, top_p: float, uniform=None, forward=decode_step):  # fmt: skip
+    """One new token per row after `tokens` (see `decode_step`): (token [S], its log-prob [S], unfinished [S]).
+    A row that has stopped gets `pad_id`; a row stops at a token of `stop_ids`. With `uniform` [S, V] the draw is
+    the exponential race on it, inside the step (one compiled graph with the forward); without, `torch.multinomial`
+    after `forward`."""
+    logits = forward(model, tokens, positions, column, rotary, mask, keys, values)
+    token, logp = draw(logits, temperature, top_p, uniform)
+    token = torch.where(unfinished, token, pad_id)
+    return token, logp.gather(1, token[:, None]).squeeze(1), unfinished & ~torch.isin(token, stop_ids)
+
+
+@functools.cache
+def _compiled(device_type: str, with_draw: bool):
+    # CUDA graphs replay the step without launching its kernels one by one; the caches are marked as static
+    # addresses so that the graphs may write them in place.
+    mode = "reduce-overhead" if device_type == "cuda" else None
+    return torch.compile(sample_step if with_draw else decode_step, dynamic=False, fullgraph=True, mode=mode)
+
+
+_FAILED: set[str] = set()
+
+
+def _run(compile: bool, device: torch.device, fn, *args):
+    """`fn` (sample_step or decode_step), compiled when asked and when it compiles here (else eager, warned once)."""
+    if compile and device.type not in _FAILED:
+        try:
+            if device.type == "cuda":  # each call is a new step of CUDA graph trees
+                torch.compiler.cudagraph_mark_step_begin()
+            out = _compiled(device.type, fn is sample_step)(*args)
+        except Exception as err:  # no C++ compiler, an inductor or dynamo limit: the eager step is the same math
+            _FAILED.add(device.type)
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            warnings.warn(f"rollout.compile: torch.compile failed ({first}); decoding without it", stacklevel=3)
+        else:
+            # A CUDA graph's outputs live in its memory, which the next replay overwrites: the kept ones are copied
+            # (the logits are drawn from before the next step).
+            if device.type == "cuda" and isinstance(out, tuple):
+                out = tuple(x.clone() for x in out)
+            return out
+    return fn(*args)
+
+
+def cache_width(length: int) -> int:
+    """Cache columns for `length` tokens, rounded up to a multiple of 64: steps whose prompts differ a little in
+    length keep the same shapes, so the compiled step is reused instead of compiled again."""
+    return -(-length // 64) * 64
+
+
+@torch.no_grad()
+def sample(model, input_ids, attention_mask, stops: list[int], pad_id: int, rollout, compile: bool = True):
+    """`rollout.n` samples of each left-padded prompt row ([B, P]): (generated [S, R], log-probs [S, R]) with S = B n,
+    the rows of a prompt adjacent, R <= rollout.max_new_tokens (it stops early when every row has stopped)."""
+    n, R = rollout.n, rollout.max_new_tokens
+    B, P = input_ids.shape
+    S, device = B * n, input_ids.device
+    # The prefill, once per prompt (generate runs it on every copy), positions as generate counts them: the real
+    # tokens from 0, left pads at 1 (never attended).
+    position = attention_mask.long().cumsum(-1) - 1
+    position = position.masked_fill(attention_mask == 0, 1)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True,
+                logits_to_keep=1)  # fmt: skip
+    logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
+    cache = out.cache if "cache" in out else out.past_key_values  # transformers >= 5.2 names it cache
+    out = None
+    C = cache_width(P + R)
+    # A tensor per layer, [S, Hkv, C, D]: the step writes each in place (views of one tensor would be copied whole
+    # by the compiled graph's input-mutation handling: measured 2x slower).
+    keys, values = [], []
+    for layer in cache.layers:  # [B, Hkv, P, D]
+        for kept, new in ((keys, layer.keys), (values, layer.values)):
+            full = new.new_zeros(S, new.shape[1], C, new.shape[-1])
+            full[:, :, :P] = new.repeat_interleave(n, dim=0)
+            if device.type == "cuda":  # CUDA graphs may then write it in place
+                torch._dynamo.mark_static_address(full)
+            kept.append(full)
+    del cache
+    prompt_mask = attention_mask.repeat_interleave(n, dim=0)
+    position = position.repeat_interleave(n, dim=0)
+    rotary = _rotary_table(model, C, keys[0].dtype, device)
+    # A row attends to its real prompt tokens and to every generated column (generate's mask grows by a one per
+    # token, EOS or not); decode_step cuts the columns after the current one.
+    mask = torch.cat((prompt_mask.bool(), torch.ones(S, C - P, dtype=torch.bool, device=device)), dim=1)
+    positions = position[:, -1] + 1 + torch.arange(R, device=device)[:, None]  # [R, S]: of the token fed at step t
+    columns = torch.arange(P, P + R, device=device)
+    stop_ids = torch.tensor(stops, device=device)
+    unfinished = torch.ones(S, dtype=torch.bool, device=device)
+    race = not EXACT_MULTINOMIAL and device.type == "cpu"  # the draw inside the compiled step
+    warp = (float(rollout.temperature), float(rollout.top_p))
+    uniform = (lambda: torch.rand(logits.shape, device=device)) if race else (lambda: None)  # noqa: E731
+    token, logp = draw(logits, *warp, uniform())
+    token = torch.where(unfinished, token, pad_id)
+    tokens, logps = [token], [logp.gather(1, token[:, None]).squeeze(1)]
+    unfinished = unfinished & ~torch.isin(token, stop_ids)
+    forward = functools.partial(_run, compile, device, decode_step)
+    for t in range(R - 1):
+        if not bool(unfinished.any()):
+            break
+        args = (model, token, positions[t], columns[t], rotary, mask, keys, values, unfinished, stop_ids, pad_id, *warp)
+        if race:
+            token, picked, unfinished = _run(compile, device, sample_step, *args, uniform())
+        else:
+            token, picked, unfinished = sample_step(*args, forward=forward)
+        tokens.append(token)
+        logps.append(picked)
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
+def _rotary_table(model, length: int, dtype, device):
+    """cos, sin [length, D] of positions 0..length-1, by the model's own rotary embedding."""
+    positions = torch.arange(length, device=device)[None]
+    cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=dtype, device=device), positions)
+    return cos[0], sin[0]
+
+
+def draw(logits: torch.Tensor, temperature: float, top_p: float, uniform=None):
+    """The next token of each row and the log-probs [S, V] of the distribution it was drawn from, as `generate`
+    with our processors draws it: temperature, then top_p, then a draw from the softmax: `torch.multinomial`, or
+    with `uniform` the exponential race on it."""
+    scores = logits / temperature
+    if top_p < 1.0:  # transformers' TopPLogitsWarper: drop the low tail of mass <= 1 - top_p, keep >= 1 token
+        sorted_scores, order = torch.sort(scores, descending=False)
+        tail = sorted_scores.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+        tail[:, -1] = False
+        scores = scores.masked_fill(tail.scatter(1, order, tail), -float("inf"))
+    probs = F.softmax(scores, dim=-1)
+    if uniform is None:
+        token = torch.multinomial(probs, num_samples=1).squeeze(1)  # generate's own draw: its random numbers
+    else:
+        token = exponential_race(probs, uniform)
+    return token, torch.log_softmax(scores, dim=-1)
+
+
+# torch.multinomial draws one sample as argmax p / E with E ~ Exp(1) from `exponential_`, which on CPU costs 20x a
+# uniform draw (0.40 ms against 0.06 ms for 32 x 603 here: more than the compiled decode step). On CPU the race
+# takes E = -log(1 - U) from uniforms instead: the same distribution, other random numbers than `generate`'s. True:
+# torch.multinomial everywhere (the tests compare token for token with `generate` so).
+EXACT_MULTINOMIAL = False
+
+
+def exponential_race(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """A sample of each row of `probs` [S, V] from uniforms U [S, V] in [0, 1): argmax p / E, E = -log(1 - U)
+    ~ Exp(1). Row i wins the race with probability p_i (the exponential clocks' minimum). E is kept above 0 so that
+    a zero-probability entry never ties: 0 / E = 0."""
+    race = torch.log1p(-uniform).neg_().clamp_(min=torch.finfo(probs.dtype).tiny)
+    return (probs / race).argmax(dim=-1)
