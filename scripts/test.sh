@@ -11,7 +11,11 @@ python -m pip install --quiet "torch==2.13.0" "setuptools>=70.1"
 echo "== thinkless without its native extension (THINKLESS_SKIP_BUILD=1) =="
 rm -f thinkless/_C*.so  # an editable install builds the extension in place; this run must not find it
 THINKLESS_SKIP_BUILD=1 python -m pip install --quiet --no-build-isolation -e ".[test]"
-THINKLESS_SKIP_BUILD=1 python -m pytest tests -q -x -p no:cacheprovider
+# The stages' own logic (distill's files, signals, user mistakes, the decoder) does not depend on the kernel
+# backend: those files run in the second pass only, to keep CI within its time.
+THINKLESS_SKIP_BUILD=1 python -m pytest tests -q -x -p no:cacheprovider --ignore=tests/test_distill.py \
+    --ignore=tests/test_preemption.py --ignore=tests/test_user_mistakes.py --ignore=tests/test_fault_tolerance.py \
+    --ignore=tests/test_decode.py
 
 echo "== thinkless with its native extension =="
 python -m pip install --quiet --no-build-isolation -e ".[test]"

@@ -6,6 +6,7 @@ families (Qwen2 with q/k/v biases, Llama, Qwen3 with per-head q/k norms), left-p
 temperature, top_p, and an extra stop token that ends rows early (and the whole batch before max_new_tokens).
 """
 
+import functools
 import json
 import warnings
 from types import SimpleNamespace
@@ -100,18 +101,54 @@ def test_same_tokens_and_logprobs_as_generate(models, kind, compile, monkeypatch
     assert plain.input_ids.shape[1] == plain.prompt_width + 20  # no row stopped: all 20 tokens
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs)")
-def test_cuda_graphs_decode_like_generate(models):
-    """On CUDA the step runs as CUDA graphs (mode reduce-overhead) and draws with torch.multinomial: the tokens are
-    generate's, the log-probs within bf16-free fp32 tolerance."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_decodes_like_generate(models):
+    """On CUDA the compiled step draws with torch.multinomial (no switch needed): the tokens are generate's."""
     tokenizer, all_models = models
     model = all_models["qwen2"].cuda()
     try:
-        for settings in ({}, {"top_p": 0.8, "max_new_tokens": 33}):  # a second shape: the graphs re-recorded
+        for settings in ({}, {"top_p": 0.8, "max_new_tokens": 33}):  # a second shape: compiled again
             plain, fast = _both(model, tokenizer, settings, compile=True)
             _assert_same(plain, fast)
     finally:
         model.cpu()
+
+
+def test_sliding_windows_in_reach_fall_back(models):
+    """Mistral reads its config's sliding_window at every call (Qwen2/3 set it per layer): a window shorter than
+    prompt + response means plain generate; a longer one, the same tokens as generate."""
+    from transformers import MistralConfig
+
+    tokenizer, _ = models
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=42,
+                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    assert "sliding window of 42" in decode.unsupported(model, 60)
+    assert decode.unsupported(model, 42) is None
+    model.config.sliding_window = 4096
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(decode, "EXACT_MULTINOMIAL", True)
+        _assert_same(*_both(model, tokenizer, {}, compile=False))
+
+
+def test_generation_config_processors_are_off_on_both_paths(models, monkeypatch):
+    """A model's generation_config may ask for processors (suppressed tokens, a minimum length, ...) that would
+    reshape what is sampled away from the temperature softmax the loss assumes: neither path applies them."""
+    monkeypatch.setattr(decode, "EXACT_MULTINOMIAL", True)
+    tokenizer, all_models = models
+    model = all_models["qwen2"]
+    torch.manual_seed(0)
+    before = generate(model, tokenizer, PROMPTS, _rollout())
+    common = int(torch.bincount(before.input_ids[:, before.prompt_width :].reshape(-1)).argmax())
+    monkeypatch.setattr(model.generation_config, "suppress_tokens", [common])
+    monkeypatch.setattr(model.generation_config, "min_new_tokens", 30)
+    plain, fast = _both(model, tokenizer, {}, compile=False)
+    _assert_same(plain, fast)
+    assert torch.equal(plain.input_ids, before.input_ids)  # as if the config said nothing
 
 
 def test_stop_tokens_end_rows_and_the_batch(models, monkeypatch):
@@ -137,16 +174,24 @@ def test_stop_tokens_end_rows_and_the_batch(models, monkeypatch):
 
 def test_exponential_race_samples_the_distribution():
     """The CPU draw: argmax p / E with E = -log(1 - U) is a sample of p (the exponential clocks' race); a zero-
-    probability entry never wins, even against U = 0."""
+    probability entry never wins, even against U = 0; and over a Qwen-sized vocabulary the tail of near-zero
+    probabilities is not drawn (float32 uniforms hit U = 0 once in 2^24 entries, which made a junk token win about
+    1 % of the draws at 150k entries)."""
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]).expand(200_000, 5)
     gen = torch.Generator().manual_seed(0)
-    picked = decode.exponential_race(probs, torch.rand(probs.shape, generator=gen))
+    picked = decode.exponential_race(probs, torch.rand(probs.shape, generator=gen, dtype=torch.float64))
     freq = torch.bincount(picked, minlength=5).double() / len(picked)
     sigma = (probs[0].double() * (1 - probs[0].double()) / len(picked)).sqrt()
     assert ((freq - probs[0]).abs() <= 5 * sigma + 1e-12).all(), freq
     assert freq[4] == 0
-    zero = torch.zeros(1, 5)  # U = 0 everywhere: E at its floor, the largest probability wins, never the zero one
+    zero = torch.zeros(1, 5, dtype=torch.float64)  # U = 0 everywhere: E at its floor, the largest p wins
     assert decode.exponential_race(probs[:1], zero).item() == 0
+    V = 151_936
+    logits = torch.full((1, V), -40.0)
+    logits[0, :4] = torch.tensor([2.0, 1.0, 0.5, 0.0])  # four real candidates; the rest ~1e-18 each
+    torch.manual_seed(0)
+    tokens = torch.cat([decode.draw(logits.expand(256, V), 1.0, 1.0, race=True)[0] for _ in range(16)])
+    assert tokens.max() < 4
 
 
 def test_cpu_race_keeps_the_recorded_logprobs_exact(models):
@@ -184,11 +229,29 @@ def test_unsupported_models_fall_back_to_generate(models, tmp_path):
     assert torch.equal(plain.input_ids, fast.input_ids)
 
 
+def test_a_recompile_limit_runs_that_shape_eagerly(models, monkeypatch):
+    """More shapes than torch.compile's recompile limit: that call runs eagerly (one warning); compiling stays on."""
+    monkeypatch.setattr(decode, "_FAILED", set())
+
+    def over_the_limit(fn):
+        def fail(*a, **k):
+            raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile_limit reached")
+
+        return fail
+
+    monkeypatch.setattr(decode, "_compiled", over_the_limit)
+    decode.warn_once.cache_clear()
+    tokenizer, all_models = models
+    with pytest.warns(UserWarning, match="recompile limit; this one runs eagerly"):
+        generate(all_models["qwen2"], tokenizer, PROMPTS, _rollout(compile=True))
+    assert not decode._FAILED  # compiling stays on
+
+
 def test_a_failed_compile_decodes_eagerly(models, monkeypatch):
     """torch.compile unavailable (no C++ compiler, say): one warning, then the same step without it."""
     monkeypatch.setattr(decode, "EXACT_MULTINOMIAL", True)
     monkeypatch.setattr(decode, "_FAILED", set())
-    decode._compiled.cache_clear()
+    monkeypatch.setattr(decode, "_compiled", functools.cache(lambda fn: torch.compile(fn)))
 
     def broken(*args, **kwargs):
         def fail(*a, **k):
@@ -208,7 +271,6 @@ def test_a_failed_compile_decodes_eagerly(models, monkeypatch):
     messages = [str(w.message) for w in caught if "rollout.compile" in str(w.message)]
     assert messages == ["rollout.compile: torch.compile failed (Compiler: cc not found); decoding without it"]
     _assert_same(plain, fast)
-    decode._compiled.cache_clear()
 
 
 def test_rl_step_with_the_compiled_rollout(models, tmp_path):

@@ -118,6 +118,26 @@ def test_shrunken_demo_writes_report_metrics_and_plots(tmp_path):
     assert json.loads((out / "report.json").read_text())["levels"] == report["levels"]
 
 
+def test_a_signal_during_a_stage_stops_the_demo(tmp_path, monkeypatch, capsys):
+    """SIGTERM during the warm-up: the stage saves its step and returns; the demo must then stop (the same command
+    resumes), not evaluate and train RL from a half-trained warm-up."""
+    import signal
+    from types import SimpleNamespace
+
+    from thinkless.demo import run as demo
+    from thinkless.train import rl, sft
+    from thinkless.train.config import load_config
+
+    stopped = SimpleNamespace(preemption=SimpleNamespace(received=signal.SIGTERM))
+    monkeypatch.setattr(sft, "run_sft", lambda config: stopped)
+    monkeypatch.setattr(rl, "run_rl", lambda config: pytest.fail("RL after a stopped warm-up"))
+    monkeypatch.setattr(demo, "evaluate", lambda *a, **k: pytest.fail("evaluated a stopped warm-up"))
+    config = load_config(None, [f"trainer.output_dir={tmp_path / 'demo'}", *SHRUNKEN], defaults=demo.DEFAULTS)
+    assert demo.run_demo(config) is None
+    assert "stopped during the warm-up; run the same command to resume" in capsys.readouterr().out
+    assert not (tmp_path / "demo" / "report.json").exists()
+
+
 def test_bad_demo_setting_is_one_line_before_any_work(tmp_path):
     exe = shutil.which("thinkless-train")
     proc = subprocess.run(

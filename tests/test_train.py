@@ -240,6 +240,26 @@ def test_on_policy_shortcut_equals_the_separate_pass(workdir, monkeypatch, paddi
     assert changed > 0  # the steps trained something
 
 
+def test_on_policy_needs_one_update_and_a_deterministic_forward(workdir):
+    """The shortcut's conditions: one PPO epoch over one mini-batch, no importance correction, no dropout (a layer,
+    a config rate, or an MoE router's jitter)."""
+    from thinkless.train.model import load_model, load_tokenizer
+    from thinkless.train.rl import on_policy
+
+    config = _config(workdir, "rl", f"model.path={workdir / 'base'}")
+    model = load_model(str(workdir / "base"), load_tokenizer(str(workdir / "base")), config, torch.device("cpu"))
+    assert on_policy(config, model)
+    for override in ("algo.ppo_epochs=2", "algo.mini_batch_size=2", "algo.is_correction=true"):
+        assert not on_policy(_config(workdir, "rl", override), model), override
+    assert on_policy(_config(workdir, "rl", "algo.mini_batch_size=4"), model)  # = trainer.batch_size: one
+    for name, value in (("attention_dropout", 0.1), ("router_jitter_noise", 0.01)):
+        setattr(model.config, name, value)
+        assert not on_policy(config, model), name
+        setattr(model.config, name, 0.0)
+    model.model.layers[0].mlp.add_module("drop", torch.nn.Dropout(0.1))
+    assert not on_policy(config, model)
+
+
 def test_sft_options_checkpointing_epochs_and_reporting(workdir, tmp_path):
     """Gradient checkpointing gives the same SFT step; PPO epochs and mini-batches multiply the updates; a missing
     report_to package is a one-line settings error."""

@@ -145,7 +145,16 @@ def evaluate(config, model_path: Path, output_dir: Path, files: dict) -> dict:
     return {name: report for name, report in zip(files, reports, strict=True)}
 
 
-def run_demo(config) -> dict:
+def _stopped(run, stage: str) -> bool:
+    """Whether a signal stopped this stage (it saved its step): then the demo stops too, instead of going on from
+    an unfinished model; the same command resumes it."""
+    if run.preemption.received is None:
+        return False
+    print(f"thinkless demo: stopped during {stage}; run the same command to resume")
+    return True
+
+
+def run_demo(config) -> dict | None:
     from thinkless.demo.plots import plot_metrics, print_table
     from thinkless.train.rl import run_rl
     from thinkless.train.sft import run_sft
@@ -161,7 +170,7 @@ def run_demo(config) -> dict:
 
     print(f"thinkless demo: [1/4] warm-up SFT on both modes of every problem ({d.warmup_steps} steps)")
     warmup_dir = root / "warmup"
-    run_sft(
+    warmup = run_sft(
         _stage(
             config,
             model__path=str(model),
@@ -179,18 +188,22 @@ def run_demo(config) -> dict:
             algo__micro_batch_size=d.warmup_batch_size,
         )
     )
+    if _stopped(warmup, "the warm-up"):
+        return None
     print("thinkless demo: [2/4] evaluating the warm-up model on every level")
     before = evaluate(config, warmup_dir, warmup_dir, files)
 
     t, algorithm = config.trainer, "DeGRPO" if config.algo.decoupled else "vanilla GRPO"
     print(f"thinkless demo: [3/4] {algorithm}: {t.total_steps} steps of {t.batch_size} prompts x {config.rollout.n}")
-    run_rl(
+    rl = run_rl(
         _stage(
             config,
             model__path=str(warmup_dir),
             data__train_files=[str(root / "data" / "rl.jsonl")],
         )
     )
+    if _stopped(rl, "RL"):
+        return None
     print("thinkless demo: [4/4] evaluating the RL model on every level")
     after = evaluate(config, root, root, files)
 

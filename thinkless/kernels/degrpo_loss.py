@@ -677,6 +677,10 @@ def degrpo_loss(
         control_loss, response_loss, clip_frac, kl, ratio_mean (each divided by the normalisers, so that they too
         add up over micro-batches), control_tokens, response_tokens (the counts of these inputs).
     """
+    if old_logp is None:
+        raise ValueError(
+            "old_logp is None: only fused_linear_degrpo_loss takes the on-policy shortcut (pass logp.detach())"
+        )
     logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights = _check_inputs(
         logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights
     )

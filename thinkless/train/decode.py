@@ -1,19 +1,19 @@
 """The HF engine's fast path (`rollout.compile`): a static KV cache and a compiled decode step.
 
 At the sizes RL samples at, Hugging Face `generate` spends most of each new token in Python: logits processors,
-stopping criteria, cache bookkeeping and masks rebuilt per token. Here the prompt goes through the model's own
-forward once (the prefill: so the first token, the mode, sees exactly `generate`'s logits), its keys and values are
+stopping criteria, cache bookkeeping and masks rebuilt per token. Here the prompts go through the model's own
+forward once (the prefill: so the first token, the mode, sees `generate`'s logits), their keys and values are
 copied into a preallocated cache [S, kv heads, C, head dim] per layer, and every further token is one call of
-`decode_step`: the model's own norms, projections and MLPs around an attention over the whole static cache under a
-mask. With every shape fixed, `torch.compile` turns the step into one graph (inductor's C++ on CPU; on CUDA it also
-records CUDA graphs, mode "reduce-overhead").
+`sample_step`: the model's own norms, projections and MLPs around an attention over the whole static cache under a
+mask, then the draw. With every shape fixed, `torch.compile` (inductor) turns the step into one graph. CUDA graphs
+are not used yet: their buffers would have to outlive each rollout (the GPU issue measures that trade).
 
 The sampling is `thinkless.train.rollout.generate`'s, op for op: scores = logits / temperature, top_p by the rule
 of transformers' TopPLogitsWarper, a draw from their softmax, a stop token ends its row (kept) and pads follow, and
 the recorded log-prob of each token is log_softmax of the final scores. The draw is `torch.multinomial` (the random
 numbers `generate` draws: with the same seed the tokens are `generate`'s, up to the last bits of the logits, which
-the compiled kernels sum in another order), except on CPU, where the same exponential race runs on cheaper uniform
-draws (`exponential_race`).
+the compiled kernels sum in another order), except on CPU, where the same exponential race runs inside the
+compiled step on float64 uniforms (`exponential_race`), 7x cheaper there.
 
 Models: the Llama family of decoders (model_type llama, mistral, qwen2, qwen3) with a rotary embedding that does not
 depend on the sequence length and no sliding window in reach. `unsupported(model)` says why another model is not;
@@ -45,9 +45,11 @@ def unsupported(model, length: int) -> str | None:
     if getattr(rotary, "rope_type", "default") in LENGTH_DEPENDENT_ROPE:
         return f"rope_type {rotary.rope_type!r} depends on the sequence length"
     for layer in inner.layers:
-        window = getattr(layer.self_attn, "sliding_window", None)
+        # Qwen2/Qwen3 set it per layer (only where the config turns it on); Mistral reads its config at each call.
+        attn = layer.self_attn
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
         if window is not None and window < length:
-            return f"a sliding window of {window} tokens below the sequence length {length}"
+            return f"a sliding window of {window} tokens, shorter than prompt + response"
     return None
 
 
@@ -82,65 +84,64 @@ def decode_step(model, tokens, positions, column, rotary, mask, keys, values):
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         k_cache.index_copy_(2, column.view(1), k)
         v_cache.index_copy_(2, column.view(1), v)
-        # One query per row: a plain softmax(q K^T) V, which the compiler fuses, rather than a flash kernel built
-        # for long queries (measured: 4x faster on CPU at 32 rows x 192 columns). Query heads grouped per KV head.
+        # One query per row: a plain softmax(q K^T) V (as transformers' eager attention: products in the model's
+        # dtype, the softmax in fp32), which the compiler fuses, rather than a flash kernel built for long queries
+        # (measured: 4x faster on CPU at 32 rows x 192 columns). Query heads grouped per KV head.
         G = q.shape[1] // k_cache.shape[1]
-        qg = q.reshape(S, k_cache.shape[1], G, D).float()
-        scores = torch.matmul(qg, k_cache.float().transpose(-1, -2)) * attn.scaling  # [S, Hkv, G, C]
-        scores = scores.masked_fill(~attend, -float("inf"))
-        out = torch.matmul(scores.softmax(dim=-1), v_cache.float()).to(q.dtype)  # [S, Hkv, G, D]
-        x = x + attn.o_proj(out.reshape(S, 1, -1))
+        qg = q.reshape(S, k_cache.shape[1], G, D)
+        scores = torch.matmul(qg, k_cache.transpose(-1, -2)) * attn.scaling  # [S, Hkv, G, C]
+        weights = scores.masked_fill(~attend, -float("inf")).softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        x = x + attn.o_proj(torch.matmul(weights, v_cache).reshape(S, 1, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
     return model.lm_head(inner.norm(x))[:, 0].float()
 
 
 def sample_step(model, tokens, positions, column, rotary, mask, keys, values, unfinished, stop_ids, pad_id: int,
-                temperature: float, top_p: float, uniform=None, forward=decode_step):  # fmt: skip
+                temperature: float, top_p: float, race: bool, forward=decode_step):  # fmt: skip
     """One new token per row after `tokens` (see `decode_step`): (token [S], its log-prob [S], unfinished [S]).
-    A row that has stopped gets `pad_id`; a row stops at a token of `stop_ids`. With `uniform` [S, V] the draw is
-    the exponential race on it, inside the step (one compiled graph with the forward); without, `torch.multinomial`
-    after `forward`."""
+    A row that has stopped gets `pad_id`; a row stops at a token of `stop_ids`. `race`: the draw is the exponential
+    race on uniforms drawn here (inside the compiled graph: the compiler's own generator); else torch.multinomial."""
     logits = forward(model, tokens, positions, column, rotary, mask, keys, values)
-    token, logp = draw(logits, temperature, top_p, uniform)
+    token, logp = draw(logits, temperature, top_p, race)
     token = torch.where(unfinished, token, pad_id)
     return token, logp.gather(1, token[:, None]).squeeze(1), unfinished & ~torch.isin(token, stop_ids)
 
 
 @functools.cache
-def _compiled(device_type: str, with_draw: bool):
-    # CUDA graphs replay the step without launching its kernels one by one; the caches are marked as static
-    # addresses so that the graphs may write them in place.
-    mode = "reduce-overhead" if device_type == "cuda" else None
-    return torch.compile(sample_step if with_draw else decode_step, dynamic=False, fullgraph=True, mode=mode)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False, fullgraph=True)
 
 
 _FAILED: set[str] = set()
+# Train, validation and evaluation batches (and prompt widths) give a handful of shapes; each compiles once.
+RECOMPILE_LIMIT = 32
 
 
 def _run(compile: bool, device: torch.device, fn, *args):
     """`fn` (sample_step or decode_step), compiled when asked and when it compiles here (else eager, warned once)."""
     if compile and device.type not in _FAILED:
         try:
-            if device.type == "cuda":  # each call is a new step of CUDA graph trees
-                torch.compiler.cudagraph_mark_step_begin()
-            out = _compiled(device.type, fn is sample_step)(*args)
+            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+                return _compiled(fn)(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            warn_once("rollout.compile: more shapes than torch.compile's recompile limit; this one runs eagerly")
         except Exception as err:  # no C++ compiler, an inductor or dynamo limit: the eager step is the same math
             _FAILED.add(device.type)
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             warnings.warn(f"rollout.compile: torch.compile failed ({first}); decoding without it", stacklevel=3)
-        else:
-            # A CUDA graph's outputs live in its memory, which the next replay overwrites: the kept ones are copied
-            # (the logits are drawn from before the next step).
-            if device.type == "cuda" and isinstance(out, tuple):
-                out = tuple(x.clone() for x in out)
-            return out
     return fn(*args)
 
 
-def cache_width(length: int) -> int:
-    """Cache columns for `length` tokens, rounded up to a multiple of 64: steps whose prompts differ a little in
-    length keep the same shapes, so the compiled step is reused instead of compiled again."""
-    return -(-length // 64) * 64
+@functools.cache
+def warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=4)
+
+
+def cache_width(prompt: int, response: int) -> int:
+    """Cache columns for prompts `prompt` tokens wide and `response` new tokens: the prompt width rounded up to a
+    power of two (at least 64), so that steps whose prompts differ in length share a handful of shapes and the
+    compiled step is reused instead of compiled again (each compile takes seconds); then a multiple of 64."""
+    return -(-(max(64, 1 << (prompt - 1).bit_length()) + response) // 64) * 64
 
 
 @torch.no_grad()
@@ -150,8 +151,8 @@ def sample(model, input_ids, attention_mask, stops: list[int], pad_id: int, roll
     n, R = rollout.n, rollout.max_new_tokens
     B, P = input_ids.shape
     S, device = B * n, input_ids.device
-    # The prefill, once per prompt (generate runs it on every copy), positions as generate counts them: the real
-    # tokens from 0, left pads at 1 (never attended).
+    # The prefill, once per prompt (generate runs it on every copy); positions count the real tokens from 0 (left
+    # pads get one too, never attended).
     position = attention_mask.long().cumsum(-1) - 1
     position = position.masked_fill(attention_mask == 0, 1)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True,
@@ -159,7 +160,7 @@ def sample(model, input_ids, attention_mask, stops: list[int], pad_id: int, roll
     logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
     cache = out.cache if "cache" in out else out.past_key_values  # transformers >= 5.2 names it cache
     out = None
-    C = cache_width(P + R)
+    C = cache_width(P, R)
     # A tensor per layer, [S, Hkv, C, D]: the step writes each in place (views of one tensor would be copied whole
     # by the compiled graph's input-mutation handling: measured 2x slower).
     keys, values = [], []
@@ -167,8 +168,6 @@ def sample(model, input_ids, attention_mask, stops: list[int], pad_id: int, roll
         for kept, new in ((keys, layer.keys), (values, layer.values)):
             full = new.new_zeros(S, new.shape[1], C, new.shape[-1])
             full[:, :, :P] = new.repeat_interleave(n, dim=0)
-            if device.type == "cuda":  # CUDA graphs may then write it in place
-                torch._dynamo.mark_static_address(full)
             kept.append(full)
     del cache
     prompt_mask = attention_mask.repeat_interleave(n, dim=0)
@@ -182,9 +181,8 @@ def sample(model, input_ids, attention_mask, stops: list[int], pad_id: int, roll
     stop_ids = torch.tensor(stops, device=device)
     unfinished = torch.ones(S, dtype=torch.bool, device=device)
     race = not EXACT_MULTINOMIAL and device.type == "cpu"  # the draw inside the compiled step
-    warp = (float(rollout.temperature), float(rollout.top_p))
-    uniform = (lambda: torch.rand(logits.shape, device=device)) if race else (lambda: None)  # noqa: E731
-    token, logp = draw(logits, *warp, uniform())
+    warp = (float(rollout.temperature), float(rollout.top_p), race)
+    token, logp = draw(logits, *warp)
     token = torch.where(unfinished, token, pad_id)
     tokens, logps = [token], [logp.gather(1, token[:, None]).squeeze(1)]
     unfinished = unfinished & ~torch.isin(token, stop_ids)
@@ -194,8 +192,8 @@ def sample(model, input_ids, attention_mask, stops: list[int], pad_id: int, roll
             break
         args = (model, token, positions[t], columns[t], rotary, mask, keys, values, unfinished, stop_ids, pad_id, *warp)
         if race:
-            token, picked, unfinished = _run(compile, device, sample_step, *args, uniform())
-        else:
+            token, picked, unfinished = _run(compile, device, sample_step, *args)
+        else:  # multinomial stays out of the graph: the compiler would draw other random numbers
             token, picked, unfinished = sample_step(*args, forward=forward)
         tokens.append(token)
         logps.append(picked)
@@ -209,10 +207,10 @@ def _rotary_table(model, length: int, dtype, device):
     return cos[0], sin[0]
 
 
-def draw(logits: torch.Tensor, temperature: float, top_p: float, uniform=None):
+def draw(logits: torch.Tensor, temperature: float, top_p: float, race: bool = False):
     """The next token of each row and the log-probs [S, V] of the distribution it was drawn from, as `generate`
     with our processors draws it: temperature, then top_p, then a draw from the softmax: `torch.multinomial`, or
-    with `uniform` the exponential race on it."""
+    the exponential race."""
     scores = logits / temperature
     if top_p < 1.0:  # transformers' TopPLogitsWarper: drop the low tail of mass <= 1 - top_p, keep >= 1 token
         sorted_scores, order = torch.sort(scores, descending=False)
@@ -220,23 +218,26 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float, uniform=None):
         tail[:, -1] = False
         scores = scores.masked_fill(tail.scatter(1, order, tail), -float("inf"))
     probs = F.softmax(scores, dim=-1)
-    if uniform is None:
-        token = torch.multinomial(probs, num_samples=1).squeeze(1)  # generate's own draw: its random numbers
+    if race:
+        token = exponential_race(probs, torch.rand(probs.shape, dtype=torch.float64, device=probs.device))
     else:
-        token = exponential_race(probs, uniform)
+        token = torch.multinomial(probs, num_samples=1).squeeze(1)  # generate's own draw: its random numbers
     return token, torch.log_softmax(scores, dim=-1)
 
 
-# torch.multinomial draws one sample as argmax p / E with E ~ Exp(1) from `exponential_`, which on CPU costs 20x a
-# uniform draw (0.40 ms against 0.06 ms for 32 x 603 here: more than the compiled decode step). On CPU the race
-# takes E = -log(1 - U) from uniforms instead: the same distribution, other random numbers than `generate`'s. True:
-# torch.multinomial everywhere (the tests compare token for token with `generate` so).
+# torch.multinomial draws one sample as argmax p / E with E ~ Exp(1) from `exponential_`, which on CPU costs 7x a
+# float64 uniform draw (0.40 ms against 0.06 ms for 32 x 603 float32 ones here: more than the compiled decode step).
+# On CPU the race takes E = -log(1 - U) from uniforms instead: the same distribution, other random numbers than
+# `generate`'s. True: torch.multinomial everywhere (the tests compare token for token with `generate` so).
 EXACT_MULTINOMIAL = False
 
 
 def exponential_race(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """A sample of each row of `probs` [S, V] from uniforms U [S, V] in [0, 1): argmax p / E, E = -log(1 - U)
-    ~ Exp(1). Row i wins the race with probability p_i (the exponential clocks' minimum). E is kept above 0 so that
-    a zero-probability entry never ties: 0 / E = 0."""
-    race = torch.log1p(-uniform).neg_().clamp_(min=torch.finfo(probs.dtype).tiny)
-    return (probs / race).argmax(dim=-1)
+    ~ Exp(1). Entry i wins the race with probability p_i (the exponential clocks' minimum).
+
+    U must be float64: a float32 U is a multiple of 2^-24, so E = 0 (U = 0) comes with probability 2^-24 per entry
+    and lets any entry with p > 0 win; over a 150k vocabulary that is a junk token in about 1 % of the draws. In
+    float64 it is V 2^-53. E is kept above 0 so that a zero-probability entry never ties: 0 / E = 0."""
+    race = torch.log1p(-uniform).neg_().clamp_(min=torch.finfo(uniform.dtype).tiny)
+    return (probs.to(uniform.dtype) / race).argmax(dim=-1)

@@ -172,11 +172,14 @@ def on_policy(config, model) -> bool:
 
 
 def has_dropout(model) -> bool:
-    """A dropout layer or a config dropout rate above 0 (attention dropout is a config value in Hugging Face models)."""
+    """A dropout layer or a config rate above 0: a training forward that is not the old policy's."""
     if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
         return True
     config = getattr(model, "config", None)
-    rates = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+    # Dropout rates that models apply functionally, and MoE routers' training-time jitter.
+    rates = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+             "activation_dropout", "layerdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
+             "router_jitter_noise")  # fmt: skip
     return any(float(getattr(config, name, 0) or 0) > 0 for name in rates)
 
 

@@ -6,8 +6,6 @@ tokens up to and including the first EOS), the mode chosen by the first generate
 
 from __future__ import annotations
 
-import functools
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -60,14 +58,21 @@ def merge_rollouts(parts: list[Rollouts], prompts: list[int], device) -> Rollout
     )
 
 
-def _no_late_warpers() -> dict:
-    """Warpers that transformers adds after the caller's processors when a model's generation_config asks for them,
-    switched off: the recorder must see the scores that are sampled (and the loss's temperature softmax is what is
-    sampled). Only the settings this transformers knows."""
+def _plain_sampling() -> dict:
+    """Every processor and warper that transformers adds when a model's generation_config asks for it, switched
+    off: the loss's log-probs assume the plain temperature softmax (top_p aside), so nothing else may reshape what is
+    sampled (suppressed tokens, a minimum length, banned words or n-grams, biases), and the recorder must see the
+    scores that are sampled (warpers would run after it). Only the settings this transformers knows."""
     from transformers import GenerationConfig
 
     known = GenerationConfig()
-    off = dict(min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None)
+    off = dict(
+        min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None, encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0, bad_words_ids=None, min_length=0, min_new_tokens=None, suppress_tokens=None,
+        begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None, forced_eos_token_id=None,
+        exponential_decay_length_penalty=None, renormalize_logits=False, guidance_scale=None, watermarking_config=None,
+        force_words_ids=None, constraints=None,
+    )  # fmt: skip
     return {name: value for name, value in off.items() if hasattr(known, name)}
 
 
@@ -119,7 +124,7 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
             model.train(was_training)
     else:
         if why_not:
-            _warn_once(f"rollout.compile: {why_not}; sampling with plain generate")
+            decode.warn_once(f"rollout.compile: {why_not}; sampling with plain generate")
         try:
             generated, picked = _hf_generate(model, tokenizer, enc, stops, rollout)
         finally:
@@ -131,11 +136,6 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
     prompt_attention = enc["attention_mask"].repeat_interleave(rollout.n, dim=0)
     prompt_ids = enc["input_ids"].repeat_interleave(rollout.n, dim=0)
     return assemble(prompt_ids, prompt_attention, generated, response, picked, tokenizer, rollout.n)
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, stacklevel=3)
 
 
 def _hf_generate(model, tokenizer, enc, stops: list[int], rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +158,7 @@ def _hf_generate(model, tokenizer, enc, stops: list[int], rollout) -> tuple[torc
         top_p=1.0,
         top_k=0,
         repetition_penalty=1.0,
-        **_no_late_warpers(),
+        **_plain_sampling(),
         logits_processor=LogitsProcessorList([*processors, recorder]),
         max_new_tokens=rollout.max_new_tokens,
         num_return_sequences=rollout.n,
