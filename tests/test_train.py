@@ -202,10 +202,13 @@ def test_rl_with_kl_filtered_groups_and_short_prompts(workdir, capsys):
         assert r["updates"] == (0 if r["groups_all_wrong"] == 4 else 1)
 
 
-@pytest.mark.parametrize("padding_free", [False, True])
-def test_on_policy_shortcut_equals_the_separate_pass(workdir, monkeypatch, padding_free):
+@pytest.mark.parametrize(
+    "padding_free,compile", [(False, False), (True, True)], ids=["padded-generate", "packed-compiled"]
+)
+def test_on_policy_shortcut_equals_the_separate_pass(workdir, monkeypatch, padding_free, compile):
     """One update per step: the old log-probs come from the training forward (ratio 1), no separate pass. The
-    losses, metrics and trained weights equal those of the path it replaces (a separate old-policy pass)."""
+    losses, metrics and trained weights equal those of the path it replaces (a separate old-policy pass); with
+    either rollout (HF generate, the compiled static-cache decoder)."""
     from safetensors.torch import load_file
 
     from thinkless.train import rl
@@ -219,6 +222,7 @@ def test_on_policy_shortcut_equals_the_separate_pass(workdir, monkeypatch, paddi
                 workdir, "rl", f"model.path={workdir / 'base'}", f"trainer.output_dir={out}", "trainer.total_steps=2",
                 "algo.entropy_coef=0.05", "algo.kl_coef=0.05", f"model.ref_path={workdir / 'base'}",
                 f"algo.padding_free={str(padding_free).lower()}", "algo.micro_batch_size=3",
+                f"rollout.compile={str(compile).lower()}",
             ))  # fmt: skip
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         return rows, load_file(out / "checkpoint-2" / "model.safetensors")

@@ -121,8 +121,12 @@ def _run(compile: bool, device: torch.device, fn, *args):
     """`fn` (sample_step or decode_step), compiled when asked and when it compiles here (else eager, warned once)."""
     if compile and device.type not in _FAILED:
         try:
-            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+            try:
                 return _compiled(fn)(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:  # a new shape past dynamo's default limit (8)
+                # Patched only here: the patch costs 40 us a call, as much as the compiled step's own launch.
+                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    return _compiled(fn)(*args)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             warn_once("rollout.compile: more shapes than torch.compile's recompile limit; this one runs eagerly")
         except Exception as err:  # no C++ compiler, an inductor or dynamo limit: the eager step is the same math
