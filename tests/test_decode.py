@@ -230,11 +230,15 @@ def test_unsupported_models_fall_back_to_generate(models, tmp_path):
 
 
 def test_a_recompile_limit_runs_that_shape_eagerly(models, monkeypatch):
-    """More shapes than torch.compile's recompile limit: that call runs eagerly (one warning); compiling stays on."""
+    """More shapes than the recompile limit: that shape runs eagerly from then on (one warning, no second try per
+    token); compiling stays on for the others."""
     monkeypatch.setattr(decode, "_FAILED", set())
+    monkeypatch.setattr(decode, "_EAGER", set())
+    calls = []
 
     def over_the_limit(fn):
         def fail(*a, **k):
+            calls.append(1)
             raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile_limit reached")
 
         return fail
@@ -242,9 +246,21 @@ def test_a_recompile_limit_runs_that_shape_eagerly(models, monkeypatch):
     monkeypatch.setattr(decode, "_compiled", over_the_limit)
     decode.warn_once.cache_clear()
     tokenizer, all_models = models
-    with pytest.warns(UserWarning, match="recompile limit; this one runs eagerly"):
+    with pytest.warns(UserWarning, match="more than 32 shapes; the new ones decode without compiling"):
         generate(all_models["qwen2"], tokenizer, PROMPTS, _rollout(compile=True))
-    assert not decode._FAILED  # compiling stays on
+    assert len(calls) == 2  # the plain call and the one under the raised limit, once for the whole rollout
+    assert not decode._FAILED and len(decode._EAGER) == 1
+
+
+def test_uniforms_are_fine_grained_inside_a_compiled_graph():
+    """Inductor draws torch.rand as float32 on a 2^-31 grid whatever the dtype asked; fine_uniform's second draw fills
+    in below it, so U = 0 (the race's junk-token atom) is out of reach there too."""
+    draw = torch.compile(lambda: decode.fine_uniform((512, 4096), torch.device("cpu")), fullgraph=True)
+    u = draw()
+    assert u.dtype == torch.float64 and u.min() >= 0 and u.max() < 1
+    assert not bool((u * 2.0**31 == (u * 2.0**31).round()).all())  # off the 2^-31 grid
+    assert u.unique().numel() == u.numel()
+    assert abs(float(u.mean()) - 0.5) < 0.002
 
 
 def test_a_failed_compile_decodes_eagerly(models, monkeypatch):

@@ -13,7 +13,7 @@ of transformers' TopPLogitsWarper, a draw from their softmax, a stop token ends 
 the recorded log-prob of each token is log_softmax of the final scores. The draw is `torch.multinomial` (the random
 numbers `generate` draws: with the same seed the tokens are `generate`'s, up to the last bits of the logits, which
 the compiled kernels sum in another order), except on CPU, where the same exponential race runs inside the
-compiled step on float64 uniforms (`exponential_race`), 7x cheaper there.
+compiled step on fine-grained uniforms (`exponential_race`), 7x cheaper there.
 
 Models: the Llama family of decoders (model_type llama, mistral, qwen2, qwen3) with a rotary embedding that does not
 depend on the sequence length and no sliding window in reach. `unsupported(model)` says why another model is not;
@@ -113,26 +113,36 @@ def _compiled(fn):
 
 
 _FAILED: set[str] = set()
+_EAGER: set[tuple] = set()  # (step function, mask shape): shapes past the recompile limit, run eagerly
 # Train, validation and evaluation batches (and prompt widths) give a handful of shapes; each compiles once.
 RECOMPILE_LIMIT = 32
 
 
 def _run(compile: bool, device: torch.device, fn, *args):
     """`fn` (sample_step or decode_step), compiled when asked and when it compiles here (else eager, warned once)."""
-    if compile and device.type not in _FAILED:
+    shape = (fn, tuple(args[5].shape))  # the mask [S, C] fixes every shape of the step
+    if not compile or device.type in _FAILED or shape in _EAGER:
+        return fn(*args)
+    from torch._dynamo import config, exc
+
+    limit_hit = tuple(
+        getattr(exc, name) for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit") if hasattr(exc, name)
+    )  # fmt: skip (the second: torch < 2.7)
+    try:
         try:
-            try:
+            return _compiled(fn)(*args)
+        except limit_hit:  # a new shape past dynamo's default limit (8)
+            # Patched only here: the patch costs 40 us a call, as much as the compiled step's own launch.
+            name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+            with config.patch(**{name: RECOMPILE_LIMIT}):
                 return _compiled(fn)(*args)
-            except torch._dynamo.exc.FailOnRecompileLimitHit:  # a new shape past dynamo's default limit (8)
-                # Patched only here: the patch costs 40 us a call, as much as the compiled step's own launch.
-                with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                    return _compiled(fn)(*args)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            warn_once("rollout.compile: more shapes than torch.compile's recompile limit; this one runs eagerly")
-        except Exception as err:  # no C++ compiler, an inductor or dynamo limit: the eager step is the same math
-            _FAILED.add(device.type)
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            warnings.warn(f"rollout.compile: torch.compile failed ({first}); decoding without it", stacklevel=3)
+    except limit_hit:
+        _EAGER.add(shape)
+        warn_once(f"rollout.compile: more than {RECOMPILE_LIMIT} shapes; the new ones decode without compiling")
+    except Exception as err:  # no C++ compiler, an inductor or dynamo error: the eager step is the same math
+        _FAILED.add(device.type)
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        warnings.warn(f"rollout.compile: torch.compile failed ({first}); decoding without it", stacklevel=3)
     return fn(*args)
 
 
@@ -223,25 +233,33 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float, race: bool = Fa
         scores = scores.masked_fill(tail.scatter(1, order, tail), -float("inf"))
     probs = F.softmax(scores, dim=-1)
     if race:
-        token = exponential_race(probs, torch.rand(probs.shape, dtype=torch.float64, device=probs.device))
+        token = exponential_race(probs, fine_uniform(probs.shape, probs.device))
     else:
         token = torch.multinomial(probs, num_samples=1).squeeze(1)  # generate's own draw: its random numbers
     return token, torch.log_softmax(scores, dim=-1)
 
 
 # torch.multinomial draws one sample as argmax p / E with E ~ Exp(1) from `exponential_`, which on CPU costs 7x a
-# float64 uniform draw (0.40 ms against 0.06 ms for 32 x 603 float32 ones here: more than the compiled decode step).
+# uniform draw (0.40 ms against 0.06 ms for 32 x 603 float32 ones here: more than the compiled decode step).
 # On CPU the race takes E = -log(1 - U) from uniforms instead: the same distribution, other random numbers than
 # `generate`'s. True: torch.multinomial everywhere (the tests compare token for token with `generate` so).
 EXACT_MULTINOMIAL = False
+
+
+def fine_uniform(shape, device) -> torch.Tensor:
+    """Float64 uniforms in [0, 1) on a grid of 2^-62 or finer, also inside a compiled graph: inductor draws its own
+    random numbers as float32 on a 2^-31 grid whatever the dtype asked (then casts), so a second draw fills in below
+    that grid; the sum, taken modulo 1, is uniform."""
+    coarse = torch.rand(shape, dtype=torch.float64, device=device)
+    return torch.frac(coarse + torch.rand(shape, dtype=torch.float64, device=device) * 2.0**-31)
 
 
 def exponential_race(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     """A sample of each row of `probs` [S, V] from uniforms U [S, V] in [0, 1): argmax p / E, E = -log(1 - U)
     ~ Exp(1). Entry i wins the race with probability p_i (the exponential clocks' minimum).
 
-    U must be float64: a float32 U is a multiple of 2^-24, so E = 0 (U = 0) comes with probability 2^-24 per entry
-    and lets any entry with p > 0 win; over a 150k vocabulary that is a junk token in about 1 % of the draws. In
-    float64 it is V 2^-53. E is kept above 0 so that a zero-probability entry never ties: 0 / E = 0."""
+    U must be fine-grained (`fine_uniform`): a float32 U is a multiple of 2^-24, so E = 0 (U = 0) comes with
+    probability 2^-24 per entry and lets any entry with p > 0 win; over a 150k vocabulary that is a junk token in
+    about 1 % of the draws. E is kept above 0 so that a zero-probability entry never ties: 0 / E = 0."""
     race = torch.log1p(-uniform).neg_().clamp_(min=torch.finfo(uniform.dtype).tiny)
     return (probs.to(uniform.dtype) / race).argmax(dim=-1)

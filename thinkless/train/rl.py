@@ -179,7 +179,7 @@ def has_dropout(model) -> bool:
     # Dropout rates that models apply functionally, and MoE routers' training-time jitter.
     rates = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
              "activation_dropout", "layerdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
-             "router_jitter_noise")  # fmt: skip
+             "residual_dropout", "embedding_dropout", "router_jitter_noise", "input_jitter_noise")  # fmt: skip
     return any(float(getattr(config, name, 0) or 0) > 0 for name in rates)
 
 

@@ -71,7 +71,8 @@ def _plain_sampling() -> dict:
         no_repeat_ngram_size=0, bad_words_ids=None, min_length=0, min_new_tokens=None, suppress_tokens=None,
         begin_suppress_tokens=None, sequence_bias=None, forced_bos_token_id=None, forced_eos_token_id=None,
         exponential_decay_length_penalty=None, renormalize_logits=False, guidance_scale=None, watermarking_config=None,
-        force_words_ids=None, constraints=None,
+        force_words_ids=None, constraints=None, num_beams=1, num_beam_groups=1, diversity_penalty=0.0,
+        stop_strings=None, prompt_lookup_num_tokens=None, assistant_model=None,
     )  # fmt: skip
     return {name: value for name, value in off.items() if hasattr(known, name)}
 
