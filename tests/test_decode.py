@@ -253,14 +253,14 @@ def test_a_recompile_limit_runs_that_shape_eagerly(models, monkeypatch):
 
 
 def test_uniforms_are_fine_grained_inside_a_compiled_graph():
-    """Inductor draws torch.rand as float32 on a 2^-31 grid whatever the dtype asked; fine_uniform's second draw fills
-    in below it, so U = 0 (the race's junk-token atom) is out of reach there too."""
+    """Inductor draws torch.rand as float32 on a 2^-31 grid whatever the dtype asked; fine_uniform's per-row shift
+    moves the values off it, so U = 0 (the race's junk-token atom) is out of reach there too."""
     draw = torch.compile(lambda: decode.fine_uniform((512, 4096), torch.device("cpu")), fullgraph=True)
     u = draw()
     assert u.dtype == torch.float64 and u.min() >= 0 and u.max() < 1
-    assert not bool((u * 2.0**31 == (u * 2.0**31).round()).all())  # off the 2^-31 grid
-    assert u.unique().numel() == u.numel()
-    assert abs(float(u.mean()) - 0.5) < 0.002
+    on_grid = u * 2.0**31 == (u * 2.0**31).round()
+    assert on_grid.double().mean() < 0.01  # off the 2^-31 grid (but for rows whose shift happens to be 0)
+    assert abs(float(u.mean()) - 0.5) < 0.002 and abs(float(u.var()) - 1 / 12) < 0.001
 
 
 def test_a_failed_compile_decodes_eagerly(models, monkeypatch):
