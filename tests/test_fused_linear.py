@@ -120,11 +120,12 @@ def test_on_policy_equals_a_separate_old_logprob_pass(backend, option):
         assert cases.rel_err(got[0], truth[0]) < 1e-5
         for grad, want in zip(got[2], truth[2], strict=True):
             assert cases.rel_err(grad, want) < 1e-5
-    assert cases.rel_err(on_policy[0], separate[0]) < 1e-6
+    # fp32 tolerance: the separate pass's log-probs come from other chunks, so its ratio is 1 only to ~1e-7
+    assert cases.rel_err(on_policy[0], separate[0]) < 1e-5
     for grad, want in zip(on_policy[2], separate[2], strict=True):
-        assert cases.rel_err(grad, want) < 1e-6
+        assert cases.rel_err(grad, want) < 1e-5
     for key in ("control_loss", "response_loss", "kl", "entropy", "ratio_mean"):
-        assert abs(on_policy[1][key].item() - separate[1][key].item()) <= 1e-6 * (1 + abs(separate[1][key].item()))
+        assert abs(on_policy[1][key].item() - separate[1][key].item()) <= 1e-5 * (1 + abs(separate[1][key].item()))
 
 
 def _torch_bf16_path(hidden, weight, bias, targets, old, adv, mask, ref, opts):
