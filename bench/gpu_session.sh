@@ -23,7 +23,7 @@ PY=${PYTHON:-python3}
 # The CLI's tests call `thinkless-train`; from a source tree it is this shim.
 if ! command -v thinkless-train >/dev/null; then
     mkdir -p /tmp/thinkless-bin
-    printf '#!/bin/sh\nexec %s -m thinkless.train.cli "$@"\n' "$(command -v $PY)" > /tmp/thinkless-bin/thinkless-train
+    printf '#!/bin/sh\nexec %s -m thinkless.cli "$@"\n' "$(command -v $PY)" > /tmp/thinkless-bin/thinkless-train
     chmod +x /tmp/thinkless-bin/thinkless-train
     export PATH=/tmp/thinkless-bin:$PATH
 fi

@@ -4,7 +4,7 @@ update, with its peak GPU memory, with and without each trainer feature.
     python bench/rl_step.py --out /tmp/rl_step                      # Qwen2.5-0.5B shape, every variant
     python bench/rl_step.py --size 1.5b --variants base,liger_off   # some of them, another shape
 
-Each variant is a fresh `thinkless-train rl` process (python -m thinkless.train.cli) on the same random model and
+Each variant is a fresh `thinkless-train rl` process (python -m thinkless.cli) on the same random model and
 prompts, `--steps` steps; the table reports the last step (the first one compiles the Triton kernels and warms the
 allocator). Random weights almost never sample EOS, so every response is `--new-tokens` long and each variant
 trains on the same number of tokens. The numbers come from the run's own metrics.jsonl: `rollout_seconds`
@@ -83,7 +83,7 @@ def run_variant(name: str, args, model: Path, data: Path) -> dict:
     out = args.out / "runs" / name
     shutil.rmtree(out, ignore_errors=True)  # a finished run left there would be "resumed": no step, stale metrics
     command = [
-        sys.executable, "-m", "thinkless.train.cli", "rl", f"model.path={model}", f"data.train_files=[{data}]",
+        sys.executable, "-m", "thinkless.cli", "rl", f"model.path={model}", f"data.train_files=[{data}]",
         f"trainer.output_dir={out}", f"trainer.total_steps={args.steps}", f"trainer.batch_size={args.prompts}",
         f"rollout.n={args.n}", f"rollout.max_new_tokens={args.new_tokens}", "rollout.temperature=1.0",
         f"algo.micro_batch_size={args.micro_batch}", f"algo.micro_batch_tokens={args.micro_batch_tokens}",

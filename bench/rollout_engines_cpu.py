@@ -52,7 +52,7 @@ def run(engine: str, policy: Path, data: Path, out: Path, args) -> list[dict]:
         f"algo.micro_batch_size={args.prompts * args.n}", f"rollout.engine={engine}",
         "rollout.vllm_gpu_memory_utilization=0.2",
     ]  # fmt: skip
-    subprocess.run([sys.executable, "-m", "thinkless.train.cli", "rl", *settings], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "thinkless.cli", "rl", *settings], check=True, capture_output=True)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1:]
 
 

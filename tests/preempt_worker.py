@@ -22,6 +22,6 @@ def signalled(*args, **kwargs):
 
 rl.mini_batch_backward = signalled
 if __name__ == "__main__":
-    from thinkless.train.cli import main
+    from thinkless.cli import main
 
     sys.exit(main(sys.argv[1:]))

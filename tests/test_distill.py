@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import tiny
 
+from thinkless.cli import main
 from thinkless.train import distill as distill_mod
-from thinkless.train.cli import main
 from thinkless.train.config import INSTRUCTION, ConfigError, load_config
 from thinkless.train.data import DataError, user_turn
 from thinkless.train.distill import gather_problems
@@ -169,7 +169,7 @@ def test_a_killed_run_resumes_to_the_same_rows(setup, finished, tmp_path):
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    real(src, dst)\n"
         "d.os.replace = replace\n"
-        "from thinkless.train.cli import main\n"
+        "from thinkless.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", wrapper, *_args(setup, out)], capture_output=True, text=True)

@@ -11,8 +11,8 @@ import tiny
 import torch
 from safetensors.torch import load_file
 
+from thinkless.cli import main
 from thinkless.train.checkpoint import MANIFEST, verify_checkpoint
-from thinkless.train.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 
 def test_sigterm_saves_the_step_and_the_resumed_run_is_identical(base):
-    from thinkless.train.cli import main
+    from thinkless.cli import main
 
     cwd = os.getcwd()
     os.chdir(base)

@@ -217,7 +217,7 @@ def test_rl_with_the_real_vllm_engine_agrees_with_the_trainer(work, warmup, kv_c
     settings = [f"model.path={warmup}", f"data.train_files=[{work / 'rl.jsonl'}]", "trainer.device=cpu",
                 "data.max_prompt_tokens=160", f"trainer.output_dir={work / 'rl-vllm'}", *RL, *VLLM,
                 "trainer.total_steps=3"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "thinkless.train.cli", "rl", *settings], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "thinkless.cli", "rl", *settings], capture_output=True,
                           text=True, timeout=900)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     # No traceback of ours at exit (vLLM logs one of its own, indented in a WARNING line, for its chat-template
@@ -272,7 +272,7 @@ def distilled(work, tmp_path_factory):
                 "data.max_prompt_tokens=256", f"trainer.output_dir={out}",
                 *(["rollout.engine=vllm", "rollout.vllm_gpu_memory_utilization=0.2"] if HAS_VLLM else [])]  # fmt: skip
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    proc = subprocess.run([sys.executable, "-m", "thinkless.train.cli", "distill", *settings], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "thinkless.cli", "distill", *settings], capture_output=True,
                           text=True, timeout=900, env=env)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return {"out": out, "easy": easy}

@@ -74,7 +74,7 @@ def test_sft_rl_crash_resume_eval(workdir, monkeypatch):
         report = json.loads((workdir / "straight" / "eval" / f"step-{step}" / "val.json").read_text())
         assert report["n"] == 2 * 6 and report["accuracy"] == straight[step]["val/val/accuracy"]
     straight = straight[1:]  # the training steps
-    from thinkless.train.cli import main as cli_main
+    from thinkless.cli import main as cli_main
 
     assert cli_main(["plot", str(workdir / "straight")]) == 0  # the figures of a real run, validation included
     for name in ("think_ratio", "accuracy", "response_length", "reward", "validation"):
@@ -155,7 +155,7 @@ def test_sft_rl_crash_resume_eval(workdir, monkeypatch):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "thinkless.train.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "thinkless.cli", *args], capture_output=True, text=True)
 
 
 def test_bad_input_fails_before_training_with_one_line(workdir, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import tiny
 import torch
 
-from thinkless.train.cli import main
+from thinkless.cli import main
 from thinkless.train.config import load_config
 from thinkless.train.data import DataError, load_problems, load_sft
 

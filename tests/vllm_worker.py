@@ -18,7 +18,7 @@ class _Modules:  # fake_vllm.install takes a monkeypatch; outside pytest, set th
 if __name__ == "__main__":
     calls_dir, argv = Path(sys.argv[1]), sys.argv[2:]
     fake_vllm.install(_Modules())
-    from thinkless.train.cli import main
+    from thinkless.cli import main
 
     status = main(argv)
     (engine,) = fake_vllm.LLM.instances

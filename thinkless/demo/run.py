@@ -28,6 +28,7 @@ from pathlib import Path
 
 from thinkless.demo import task
 from thinkless.train.config import ConfigError, load_config
+from thinkless.train.files import write_text
 
 # The demo's defaults, over the trainer's (which suit 1.5B models on GPUs). Why these values: see README, "Demo".
 DEFAULTS = {
@@ -70,11 +71,7 @@ def mix_weights(config) -> list[float]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Written whole, then renamed: an interrupted demo never leaves half a data file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # an interrupted demo leaves no half file
 
 
 def write_data(root: Path, config) -> dict:

@@ -395,8 +395,10 @@ def validate(config: Config) -> None:
         raise ConfigError(f"{given} needs {missing} (validation during RL uses both)")
     if len(a.betas) != 2 or not all(0 <= b < 1 for b in a.betas):
         raise ConfigError(f"algo.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {a.betas!r}")
+    from thinkless.kernels.degrpo_loss import KL_TYPES  # the kernels' own list (here: imported when checking)
+
     choices = {
-        "algo.kl_type": (a.kl_type, ("k1", "k2", "k3")),
+        "algo.kl_type": (a.kl_type, KL_TYPES),
         "algo.loss_agg": (a.loss_agg, ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")),
         "data.instruction_position": (config.data.instruction_position, ("after", "before", "none")),
         "data.answer_format": (config.data.answer_format, ("auto", "plain", "gsm8k", "boxed")),

@@ -13,8 +13,9 @@ import json
 import statistics
 from pathlib import Path
 
-from thinkless.train.distill_store import SIDES, write_atomic, write_text
+from thinkless.train.distill_store import SIDES
 from thinkless.train.distill_teacher import VERDICTS
+from thinkless.train.files import write_atomic, write_text
 from thinkless.train.rewards import mode_of_text
 
 LENGTH_SAMPLE = 20_000  # kept rows per mode whose tokens are counted: evenly spaced over the file, all when fewer

@@ -21,6 +21,7 @@ from pathlib import Path
 from thinkless.train.config import ConfigError
 from thinkless.train.data import Problem
 from thinkless.train.distill_teacher import problem_key
+from thinkless.train.files import write_text
 
 SIDES = ("think", "short")
 
@@ -31,22 +32,6 @@ def problem_id(p: Problem) -> str:
 
 def shard_digest(problems: list[Problem]) -> str:
     return hashlib.sha256(" ".join(problem_id(p) for p in problems).encode()).hexdigest()[:16]
-
-
-def write_atomic(path: Path, write) -> None:
-    """`write(tmp)`, then renamed: a killed run never leaves half a file under the real name (and two processes
-    writing the same file each write their own temporary one)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> None:
-    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 class SideStore:

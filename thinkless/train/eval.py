@@ -47,13 +47,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import statistics
 from pathlib import Path
 
 from thinkless.train.checkpoint import rng_state, set_rng_state
 from thinkless.train.data import DataError, load_problems
 from thinkless.train.dist import Dist
+from thinkless.train.files import write_text
 from thinkless.train.model import load_tokenizer
 from thinkless.train.rewards import SHORT, THINK, eval_correct, score
 from thinkless.train.rollout import generate
@@ -252,14 +252,6 @@ def folder_reports(eval_dir: Path) -> list[tuple[str, str, dict]]:
     return sorted(rows, key=lambda r: (r[0], order.index(r[1])))
 
 
-def _write(path: Path, text: str) -> None:
-    """Written whole, then renamed: an interrupted eval never leaves half a report behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def run_eval(config) -> list[dict]:
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
     # Every file is read and checked once, before the model generates anything.
@@ -275,7 +267,7 @@ def run_eval(config) -> list[dict]:
     for file, name in zip(config.data.val_files, names, strict=True):
         report = evaluate_file(run, file, examples[file], config)
         if run.dist.is_main:
-            _write(out / force / f"{name}.json", json.dumps(report, indent=2))
+            write_text(out / force / f"{name}.json", json.dumps(report, indent=2))
             label = f"{name} ({force})" if force else name
             print(f"thinkless eval: {label}: accuracy {report['accuracy']:.3f}, think {report['think_ratio']:.2f}, "
                   f"tokens {report['mean_tokens']:.1f}, n {report['n']}")  # fmt: skip
@@ -284,7 +276,7 @@ def run_eval(config) -> list[dict]:
     if run.dist.is_main:
         rows += _oracles(out, names, config.eval.count_prompt_tokens)
         table = format_table(rows)
-        _write(out / "table.md", format_table(folder_reports(out)))
+        write_text(out / "table.md", format_table(folder_reports(out)))
         print(f"\n{table}\n(every report in {out}: {out / 'table.md'})")
     return reports
 
@@ -302,7 +294,7 @@ def _oracles(out: Path, names: list[str], count_prompt: bool) -> list[tuple[str,
             print(f"thinkless eval: no oracle router for {name}: {err}")
             (out / "oracle" / f"{name}.json").unlink(missing_ok=True)  # an older oracle no longer matches them
             continue
-        _write(out / "oracle" / f"{name}.json", json.dumps(report, indent=2))
+        write_text(out / "oracle" / f"{name}.json", json.dumps(report, indent=2))
         rows.append((name, "oracle", report))
     return rows
 
@@ -350,7 +342,7 @@ def validate(run, config, step: int, *, examples: dict | None = None, engine=Non
             report = evaluate_examples(model, run.tokenizer, file, examples[file], config, seeds=[config.trainer.seed],
                                        n=config.trainer.val_n, d=d, engine=engine)  # fmt: skip
             if d.is_main:
-                _write(run.output_dir / "eval" / f"step-{step}" / f"{name}.json", json.dumps(report, indent=2))
+                write_text(run.output_dir / "eval" / f"step-{step}" / f"{name}.json", json.dumps(report, indent=2))
             for key in HEADLINE:
                 metrics[f"val/{name}/{key}"] = report[key]
     finally:

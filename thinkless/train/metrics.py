@@ -8,12 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
 from thinkless.train.config import ConfigError
+from thinkless.train.files import write_text
 
 
 def _plain(value):
@@ -39,12 +39,8 @@ class MetricsLog:
         if self.path.exists():  # keep the steps up to the checkpoint we resume from (none without one)
             lines = self.path.read_text().splitlines() if resume_step > 0 else []
             kept = [line for line in lines if _step(line) <= resume_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
-        self.writer = None
-        if report_to not in ("none", "tensorboard", "wandb"):
-            raise ConfigError(f"trainer.report_to must be none, tensorboard or wandb, got {report_to!r}")
+            write_text(self.path, "".join(line + "\n" for line in kept))
+        self.writer = None  # report_to is one of none, tensorboard, wandb (config.validate checks it)
         try:
             if report_to == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter

@@ -49,7 +49,7 @@ def resolve_model_path(path: str) -> str:
     return path
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     config: object
     stage: str
@@ -215,9 +215,11 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
             config.save(output_dir / "config.yaml")
         metrics = MetricsLog(output_dir, step, config.trainer.report_to) if d.is_main else NullLog()
         d.barrier()
-        return Run(config, stage, device, output_dir, tokenizer, model, optimizer, scheduler, step, metrics,
-                   checkpoint, rng, d, rollout_model)  # fmt: skip
-    return Run(config, stage, device, output_dir, tokenizer, model, None, None, 0, None, dist=d)
+        return Run(config=config, stage=stage, device=device, output_dir=output_dir, tokenizer=tokenizer, model=model,
+                   optimizer=optimizer, scheduler=scheduler, step=step, metrics=metrics, resumed_from=checkpoint,
+                   rng=rng, dist=d, rollout_model=rollout_model)  # fmt: skip
+    return Run(config=config, stage=stage, device=device, output_dir=output_dir, tokenizer=tokenizer, model=model,
+               optimizer=None, scheduler=None, step=0, metrics=None, dist=d)  # fmt: skip
 
 
 def _apply_configured_rates(optimizer, scheduler, algo, report: bool) -> None:

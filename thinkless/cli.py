@@ -1,4 +1,4 @@
-"""`thinkless-train`: the command-line entry point.
+"""`thinkless-train`: the command-line entry point, the top layer of the package (it may import every other).
 
     thinkless-train {distill,sft,rl,eval,demo} [--config FILE.yaml] [key=value ...]
     thinkless-train plot RUN_DIR         # think ratio, accuracy, length and reward per RL step, as PNGs
@@ -12,6 +12,7 @@ defaults (`thinkless.demo.run.DEFAULTS`); every key overrides them.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from thinkless import __version__
@@ -21,47 +22,31 @@ from thinkless.train.data import DataError
 from thinkless.train.model import ModelError
 from thinkless.train.run import TrainingError
 
-
-def _run_sft(config):
-    from thinkless.train.sft import run_sft
-
-    run_sft(config)
-
-
-def _run_rl(config):
-    from thinkless.train.rl import run_rl
-
-    run_rl(config)
-
-
-def _run_eval(config):
-    from thinkless.train.eval import run_eval
-
-    run_eval(config)
-
-
-def _run_distill(config):
-    from thinkless.train.distill import run_distill
-
-    run_distill(config)
-
-
-def _run_demo(config):
-    from thinkless.demo.run import run_demo
-
-    run_demo(config)
-
-
-RUNNERS = {"distill": _run_distill, "sft": _run_sft, "rl": _run_rl, "eval": _run_eval, "demo": _run_demo}
-
+# The stages: the function that runs each (imported when it runs: `--help` stays fast) and its one-line help.
 STAGES = {
-    "distill": "the warm-up data: each problem answered by a reasoning and an instruct model, verified, as SFT rows",
-    "sft": "warm-up distillation on hybrid <short>/<think> data",
-    "rl": "reinforcement learning with DeGRPO",
-    "eval": "accuracy, think ratio and response length on validation files",
-    "demo": "the built-in CPU demo: warm-up, then DeGRPO, on a task with difficulty levels",
-}
+    "distill": ("thinkless.train.distill:run_distill",
+                "the warm-up data: each problem answered by a reasoning and an instruct model, verified, as SFT rows"),
+    "sft": ("thinkless.train.sft:run_sft", "warm-up distillation on hybrid <short>/<think> data"),
+    "rl": ("thinkless.train.rl:run_rl", "reinforcement learning with DeGRPO"),
+    "eval": ("thinkless.train.eval:run_eval", "accuracy, think ratio and response length on validation files"),
+    "demo": ("thinkless.demo.run:run_demo",
+             "the built-in CPU demo: warm-up, then DeGRPO, on a task with difficulty levels"),
+}  # fmt: skip
 PLOT_HELP = "figures of an RL run from its metrics.jsonl: think ratio, accuracy and length per mode, reward"
+
+
+def _runner(stage: str):
+    module, function = STAGES[stage][0].split(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _defaults(stage: str) -> dict | None:
+    """The stage's own defaults under the settings' (the demo's)."""
+    if stage != "demo":
+        return None
+    from thinkless.demo.run import DEFAULTS
+
+    return DEFAULTS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,15 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"thinkless {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="{" + ",".join([*STAGES, "plot"]) + "}")
-    from thinkless.demo.run import DEFAULTS as DEMO_DEFAULTS
-
-    for name, help_text in STAGES.items():
+    for name, (_, help_text) in STAGES.items():
         stage = sub.add_parser(
             name,
             help=help_text,
             description=help_text,
-            epilog="settings (section.key = default  # meaning):\n"
-            + describe(DEMO_DEFAULTS if name == "demo" else None),
+            epilog="settings (section.key = default  # meaning):\n" + describe(_defaults(name)),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         stage.add_argument("--config", metavar="FILE.yaml", help="a YAML file of settings")
@@ -123,11 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage is None:  # a bare `thinkless-train` runs the demo
         args.stage, args.config, args.overrides = "demo", None, []
     try:
-        from thinkless.demo.run import DEFAULTS as DEMO_DEFAULTS
-
-        config = load_config(args.config, args.overrides, defaults=DEMO_DEFAULTS if args.stage == "demo" else None)
+        config = load_config(args.config, args.overrides, defaults=_defaults(args.stage))
         try:
-            RUNNERS[args.stage](config)
+            _runner(args.stage)(config)
         finally:
             from thinkless.train.dist import shutdown
 
