@@ -69,6 +69,10 @@ def test_text_settings_stay_text():
     assert config.data.instruction == "Solve: think # carefully"
     assert config.model.path == "yes" and config.trainer.seed == 123 and config.model.ref_path == ""
     assert config.trainer.output_dir == "runs/a=b" and config.data.train_files == ["a.json"]
+    # List items stay text too (YAML 1.1 reads [on, yes, 007, null] as [True, True, 7, None]); numbers still parse.
+    config = load_config(None, ["data.filter_key=type", "data.filter_values=[on, yes, 007, null, 'a, b']",
+                                "algo.betas=[0.9, 0.95]"])  # fmt: skip
+    assert config.data.filter_values == ["on", "yes", "007", "null", "a, b"] and config.algo.betas == [0.9, 0.95]
 
 
 @pytest.mark.parametrize(

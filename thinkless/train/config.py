@@ -334,8 +334,8 @@ def _parse_override(dotted: str, text: str):
     section, _, key = dotted.partition(".")
     kind = _field_types(SECTIONS[section]).get(key) if section in SECTIONS else None
     if typing.get_origin(kind) is list and text.strip().startswith("["):
-        try:
-            return yaml.safe_load(text)
+        try:  # every item as text (YAML 1.1 would read [on, yes, 007] as [True, True, 7]); _coerce types them
+            return yaml.load(text, Loader=yaml.BaseLoader)
         except yaml.YAMLError:
             raise ConfigError(f"{dotted} must be a list like [a.json, b.json], got {text!r}") from None
     return text  # _set's coercion gives it the key's type (or names the key when it cannot)
