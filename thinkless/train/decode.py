@@ -123,11 +123,9 @@ def _run(compile: bool, device: torch.device, fn, *args):
     shape = (fn, tuple(args[5].shape))  # the mask [S, C] fixes every shape of the step
     if not compile or device.type in _FAILED or shape in _EAGER:
         return fn(*args)
-    from torch._dynamo import config, exc
+    from torch._dynamo import config
 
-    limit_hit = tuple(
-        getattr(exc, name) for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit") if hasattr(exc, name)
-    )  # fmt: skip (the second: torch < 2.7)
+    limit_hit = _limit_hit()
     try:
         try:
             return _compiled(fn)(*args)
@@ -144,6 +142,15 @@ def _run(compile: bool, device: torch.device, fn, *args):
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         warnings.warn(f"rollout.compile: torch.compile failed ({first}); decoding without it", stacklevel=3)
     return fn(*args)
+
+
+@functools.cache
+def _limit_hit() -> tuple[type, ...]:
+    """Dynamo's exception for a shape past its recompile limit (looked up once: `_run` is called every token)."""
+    from torch._dynamo import exc
+
+    names = ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")  # the second: torch < 2.7
+    return tuple(getattr(exc, name) for name in names if hasattr(exc, name))
 
 
 @functools.cache
