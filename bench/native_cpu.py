@@ -13,7 +13,7 @@ import torch
 
 from thinkless.kernels import degrpo_loss, group_advantages
 from thinkless.kernels._backend import native_extension
-from thinkless.kernels._fused_linear_loop import _exp_shifted_
+from thinkless.kernels.fused_linear_loop import exp_shifted_
 
 
 def best_of(fn, rounds: int = 7) -> float:
@@ -41,7 +41,7 @@ def row_work_torch(zs, targets, g):
     z = zs.t()
     m = zs.amax(0)
     z_target = z.gather(1, targets[:, None]).squeeze(1)
-    ssum, sz = _exp_shifted_(zs.sub_(m), True)
+    ssum, sz = exp_shifted_(zs.sub_(m), True)
     log_s = ssum.log()
     lse, entropy = m + log_s, log_s - sz / ssum
     zs.mul_(-g / ssum)

@@ -105,8 +105,9 @@ def trl_worker(spec: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     sys.path.insert(0, str(ROOT))
+    from thinkless.modes import mode_of_text
     from thinkless.train.config import RewardsConfig
-    from thinkless.train.rewards import mode_of_text, score
+    from thinkless.train.rewards import score
 
     work, (prompts, n, tokens) = Path(spec["work"]), spec["batch"]
     rows = json.loads((work / "prompts.json").read_text())

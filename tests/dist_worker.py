@@ -11,7 +11,7 @@ from test_loss_invariance import AGGS, COMMON, expected, mini_batch, rel
 
 from thinkless.train.config import load_config
 from thinkless.train.dist import init_distributed, shard_model, shutdown
-from thinkless.train.rl import mini_batch_backward
+from thinkless.train.policy_loss import mini_batch_backward
 
 
 def main(out_path: str, padding_free: str) -> None:

@@ -1,5 +1,7 @@
 """Settings: defaults, YAML, dotted overrides, and errors that name the bad key."""
 
+import re
+
 import pytest
 import yaml
 
@@ -133,3 +135,30 @@ def test_lr_schedules_match_torch(kind):
     assert [warm(s) for s in range(4)] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and warm(4) == 1.0
     with pytest.raises(ConfigError, match="algo.lr_scheduler"):
         load_config(None, ["algo.lr_scheduler=step"])
+
+
+def test_every_declared_rule_is_enforced():
+    """A key declares its range or choices beside its default (`_key`); a value just outside fails, naming the key,
+    and the default itself passes."""
+    import dataclasses
+
+    from thinkless.train.config import SECTIONS
+
+    checked = 0
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            rule, key = f.metadata, f"{section}.{f.name}"
+            bad = []
+            if "low" in rule:
+                bad.append(rule["low"] - 1)
+            if "above" in rule:
+                bad.append(rule["above"])
+            if "unit" in rule:
+                bad += [0, 1.5]
+            if "choices" in rule:
+                bad.append("no-such-choice")
+            for value in bad:
+                with pytest.raises(ConfigError, match=f"^{re.escape(key)} must be"):
+                    load_config(None, [f"{key}={value}"])
+                checked += 1
+    assert checked > 50

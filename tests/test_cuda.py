@@ -124,7 +124,8 @@ def test_packed_rl_loss_equals_padded_on_cuda(liger, monkeypatch):
     """SDPA's GPU kernels (and Liger's RMSNorm/RoPE/SwiGLU when installed) give packed rows the loss and gradients
     of padded ones, in float32."""
     from thinkless.train.config import load_config
-    from thinkless.train.rl import policy_loss, sequence_logprobs
+    from thinkless.train.logprobs import sequence_logprobs
+    from thinkless.train.policy_loss import policy_loss
 
     if liger:
         pytest.importorskip("liger_kernel")
@@ -159,7 +160,7 @@ def test_dw_chunks_accumulate_in_fp32():
     buffer starts as NaN: the first chunk must overwrite it (beta = 0), the others add to it."""
     import warnings
 
-    from thinkless.kernels._fused_linear_loop import _accumulate
+    from thinkless.kernels.fused_linear_loop import accumulate
 
     gen = torch.Generator().manual_seed(0)
     chunks = [(torch.randn(4096, n, generator=gen), torch.randn(n, 64, generator=gen)) for n in (50, 50, 17)]
@@ -168,6 +169,6 @@ def test_dw_chunks_accumulate_in_fp32():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fallback that rounds each chunk to bf16 warns
         for i, (a, b) in enumerate(chunks):
-            _accumulate(acc, a.t().contiguous().t(), b, first=i == 0)
+            accumulate(acc, a.t().contiguous().t(), b, first=i == 0)
     truth = sum(a.double() @ b.double() for a, b in chunks)
     assert cases.rel_err(acc.cpu(), truth.cpu()) < 1e-5

@@ -199,7 +199,7 @@ def test_cpu_race_keeps_the_recorded_logprobs_exact(models):
     log-probs are still those of the sampling distribution (the trainer's softmax at the temperature, recomputed
     by a full forward)."""
     from thinkless.train.config import AlgoConfig
-    from thinkless.train.rl import sequence_logprobs
+    from thinkless.train.logprobs import sequence_logprobs
 
     tokenizer, all_models = models
     model = all_models["llama"]
@@ -309,3 +309,11 @@ def test_rl_step_with_the_compiled_rollout(models, tmp_path):
     for r in rows:
         assert r["logprob_path"] == "on_policy" and r["updates"] == 1 and r["samples"] == 8
         assert r["rollout_logp_diff"] < 1e-4
+
+
+def test_both_steps_take_the_mask_where_the_compile_cache_reads_it():
+    """`_run` keys its compiled shapes on the mask argument: both steps must hold it at the same position."""
+    import inspect
+
+    for step in (decode.decode_step, decode.sample_step):
+        assert list(inspect.signature(step).parameters)[decode.MASK_ARG] == "mask"

@@ -373,3 +373,43 @@ def test_kl_clamp_boundary_in_float64(backend):
     )  # fmt: skip
     (grad,) = torch.autograd.grad(loss, x)
     assert metrics["kl"].item() == pytest.approx(0.3, rel=1e-14, abs=0) and grad.item() == 0.0
+
+
+def test_the_loss_options_are_declared_once():
+    """`DeGRPOParams` declares every option of the loss: the public losses (and the reference) take each as a keyword
+    with its default, the trainer's algo.* settings start from it, and `loss_options` hands each over by name."""
+    import dataclasses
+    import inspect
+
+    from thinkless.kernels import DeGRPOParams, fused_linear_degrpo_loss
+    from thinkless.train.config import AlgoConfig, load_config
+    from thinkless.train.policy_loss import loss_options
+
+    declared = {f.name: f.default for f in dataclasses.fields(DeGRPOParams)}
+    assert {"alpha", "clip_low", "clip_high", "kl_coef", "kl_type", "decoupled", "loss_agg"} <= set(declared)
+    for fn in (degrpo_loss, fused_linear_degrpo_loss, reference.degrpo_loss):
+        parameters = inspect.signature(fn).parameters
+        assert {name: parameters[name].default for name in declared} == declared, fn.__qualname__
+    off = {"kl_clamp": 0.0, "loss_agg_norm": 0}  # the settings' "off" where the loss takes None
+    assert {name: getattr(AlgoConfig(), name) for name in declared} == {**declared, **off}
+    config = load_config(None, ["algo.alpha=0.25", "algo.kl_clamp=10", "algo.kl_type=k1", "algo.decoupled=false",
+                                "algo.loss_agg=seq_mean_token_sum_norm", "rollout.max_new_tokens=64"])  # fmt: skip
+    options = loss_options(config)
+    assert set(options) == {*declared, "temperature", "entropy_coef"}
+    params = DeGRPOParams.checked(has_ref=False, **{name: options[name] for name in declared})
+    assert (params.alpha, params.kl_clamp, params.kl_type, params.decoupled) == (0.25, 10.0, "k1", False)
+    assert (params.loss_agg, params.loss_agg_norm) == ("seq_mean_token_sum_norm", 64.0)
+
+
+def test_checked_options_name_the_bad_one():
+    from thinkless.kernels import DeGRPOParams
+
+    with pytest.raises(ValueError, match="alpha must be >= 0.0, got -1"):
+        DeGRPOParams.checked(has_ref=False, alpha=-1)
+    with pytest.raises(ValueError, match="kl_type must be one of 'k1', 'k2', 'k3', got 'k4'"):
+        DeGRPOParams.checked(has_ref=False, kl_type="k4")
+    with pytest.raises(TypeError, match="unknown DeGRPO option.*: alpah"):
+        DeGRPOParams.checked(has_ref=False, alpah=0.1)
+    with pytest.raises(ValueError, match="ref_logp is required when kl_coef > 0"):
+        DeGRPOParams.checked(has_ref=False, kl_coef=0.1)
+    assert DeGRPOParams.checked(has_ref=True) == DeGRPOParams()

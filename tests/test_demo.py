@@ -10,8 +10,9 @@ import pytest
 
 from thinkless.demo import task
 from thinkless.demo.run import demo_config, mix_weights
+from thinkless.modes import mode_of_text
 from thinkless.train.config import ConfigError
-from thinkless.train.rewards import check_answer, last_boxed, mode_of_text
+from thinkless.train.rewards import check_answer, last_boxed
 
 
 @pytest.mark.parametrize("level", [1, 2, 3, 5])

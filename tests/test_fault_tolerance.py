@@ -112,7 +112,7 @@ def test_a_failed_save_keeps_the_previous_checkpoint_and_a_rerun_finishes(workdi
 def _poison(monkeypatch, steps: set[int], where: str):
     """From the RL loop's mini-batch backward: a NaN in the loss of one micro-batch (`loss`) or in one gradient
     (`grad`, a hook on a parameter's gradient), at the given steps."""
-    from thinkless.train import rl
+    from thinkless.train import policy_loss, rl
 
     real = rl.mini_batch_backward
     calls = []
@@ -128,12 +128,12 @@ def _poison(monkeypatch, steps: set[int], where: str):
                 return real(model, *args, **kw)
             finally:
                 handle.remove()
-        real_loss = rl.policy_loss
-        monkeypatch.setattr(rl, "policy_loss", lambda *a, **k: _nan_loss(real_loss(*a, **k)))
+        real_loss = policy_loss.policy_loss
+        monkeypatch.setattr(policy_loss, "policy_loss", lambda *a, **k: _nan_loss(real_loss(*a, **k)))
         try:
             return real(model, *args, **kw)
         finally:
-            monkeypatch.setattr(rl, "policy_loss", real_loss)
+            monkeypatch.setattr(policy_loss, "policy_loss", real_loss)
 
     monkeypatch.setattr(rl, "mini_batch_backward", poisoned)
 

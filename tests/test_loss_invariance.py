@@ -16,8 +16,9 @@ from test_packing import rollouts, tiny_model
 from thinkless.kernels import reference
 from thinkless.train.config import load_config
 from thinkless.train.dist import Dist
+from thinkless.train.logprobs import sequence_logprobs
 from thinkless.train.model import hidden_states, lm_head
-from thinkless.train.rl import LOSS_METRICS, loss_options, mini_batch_backward, sequence_logprobs
+from thinkless.train.policy_loss import LOSS_METRICS, loss_options, mini_batch_backward
 
 # Short and long answers in one mini-batch: per-micro-batch normalisation would weight their tokens differently.
 PROMPTS = [3, 5, 1, 4, 2, 6, 2]
@@ -95,7 +96,7 @@ def test_the_check_can_fail_per_micro_batch_normalisation_differs(batch):
     ro, model, advantages, old, ref = batch
     config = load_config(None, [*COMMON, "algo.micro_batch_size=1"])
     _, want_grads, _ = expected(model, ro, advantages, old, ref, config)
-    from thinkless.train.rl import policy_loss
+    from thinkless.train.policy_loss import policy_loss
 
     model = copy.deepcopy(model)
     S = ro.input_ids.shape[0]

@@ -6,9 +6,9 @@ import pytest
 import tiny
 import torch
 
+from thinkless.modes import ADDED_TOKENS
 from thinkless.train.config import load_config
 from thinkless.train.model import (
-    CONTROL_TOKENS,
     ModelError,
     control_token_ids,
     hidden_states,
@@ -30,7 +30,7 @@ def test_control_tokens_are_added_as_single_tokens(checkpoint):
     tokenizer = load_tokenizer(str(checkpoint))
     ids = control_token_ids(tokenizer)
     assert len(set(ids.values())) == 3
-    for token in CONTROL_TOKENS:
+    for token in ADDED_TOKENS:
         assert tokenizer.encode(token, add_special_tokens=False) == [ids[token]]
     text = "<think>so</think> \\boxed{2}"
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False), skip_special_tokens=True) == text
@@ -126,3 +126,32 @@ def test_a_missing_gguf_file_is_named(tmp_path):
 
     with pytest.raises(ModelError, match=r"model.path='.*nope.gguf': no such GGUF file"):
         resolve_model_path(str(tmp_path / "nope.gguf"))
+
+
+@pytest.mark.parametrize("how", ["additional_special_tokens", "added_special"])
+def test_one_decode_rule_keeps_the_thinkless_tokens_a_tokenizer_marks_special(tmp_path, how):
+    """Rollouts and distillation teachers decode generated ids by one rule: special tokens out (eos, pad, template
+    markers, other special added tokens), the Thinkless tokens in even when the tokenizer marks them special (the
+    reward reads the answer after </think>)."""
+    from transformers import AddedToken
+
+    from thinkless.train.distill_teacher import decode_response
+    from thinkless.train.model import decode_text
+    from thinkless.train.rewards import solution_text
+    from thinkless.train.rollout import assemble
+
+    tok = tiny.make_tokenizer(tmp_path / "tok", with_control_tokens=how == "additional_special_tokens")
+    tok.add_tokens([AddedToken("<|tool|>", special=True, normalized=False)])
+    if how == "added_special":
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<short>", "<think>", "</think>")])
+    ids = tok.encode("<think>7 + 5 = 12</think> so \\boxed{12}<|tool|><|im_start|>", add_special_tokens=False)
+    ids += [tok.eos_token_id, tok.pad_token_id]
+    assert tok.decode(ids, skip_special_tokens=True).count("think") == 0  # the rule it replaces lost them
+    text = decode_text(tok, ids)
+    assert text == "<think>7 + 5 = 12</think> so \\boxed{12}"
+    assert solution_text(text, "think") == " so \\boxed{12}"
+    assert decode_response(tok, ids[:-1], [tok.eos_token_id]) == (text, True)
+    generated = torch.tensor([ids])
+    ro = assemble(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), generated,
+                  torch.ones_like(generated, dtype=torch.bool), torch.zeros(generated.shape), tok, 1)  # fmt: skip
+    assert ro.texts == [text] and ro.modes == ["think"]

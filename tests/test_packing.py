@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from thinkless.train.config import load_config
+from thinkless.train.logprobs import sequence_logprobs
 from thinkless.train.packing import pack, token_budget_batches
-from thinkless.train.rl import policy_loss, sequence_logprobs
+from thinkless.train.policy_loss import policy_loss
 from thinkless.train.rollout import Rollouts
 from thinkless.train.sft import sft_loss
 

@@ -53,13 +53,28 @@ def test_plot_writes_valid_pngs(exe, tmp_path):
 
 
 def test_plot_skips_steps_without_a_mode():
-    """A step that sampled no <short> answer has no short accuracy (the RL metrics log 0 there)."""
-    from thinkless.train.plot import _series
+    """A step that sampled no <short> answer has no short accuracy (thinkless 0.1's RL metrics logged 0 there)."""
+    from thinkless.train.plot import series
 
     rows = _rl_rows(6)
-    steps, values = _series(rows, "acc_short", "short")
+    steps, values = series(rows, "accuracy_short", "short")  # the old run's acc_short, under today's name
     assert steps == [1, 2, 3, 5, 6] and values == [0.2] * 5
-    assert _series(rows, "acc_think", "think")[0] == [1, 2, 3, 4, 5, 6]
+    assert series(rows, "accuracy_think", "think")[0] == [1, 2, 3, 4, 5, 6]
+
+
+def test_plot_reads_todays_names_first_and_skips_null():
+    """Today's rows: `accuracy_short` is null when the step sampled no <short> answer; the old alias beside it (0
+    there) is not read then, and a run with both names plots today's."""
+    from thinkless.train.plot import metric, series
+
+    rows = [
+        {"step": 1, "think_ratio": 0.5, "accuracy_short": 0.25, "acc_short": 0.25, "accuracy/L1": 0.5},
+        {"step": 2, "think_ratio": 1.0, "accuracy_short": None, "acc_short": 0.0, "acc/L1": 0.75},
+        {"step": 3, "think_ratio": 0.5, "accuracy_short": 0.75, "acc_short": 0.5},
+    ]
+    assert series(rows, "accuracy_short") == ([1, 3], [0.25, 0.75])
+    assert [metric(r, "accuracy/L1") for r in rows] == [0.5, 0.75, None]  # `acc/<tag>` of an older run
+    assert metric({"think_ratio": True}, "think_ratio") is None  # a boolean is no figure
 
 
 @pytest.mark.parametrize(

@@ -279,7 +279,8 @@ def distilled(work, tmp_path_factory):
 
 
 def test_distill_with_the_real_model_verifies_what_it_keeps(distilled):
-    from thinkless.train.rewards import mode_of_text, score
+    from thinkless.modes import mode_of_text
+    from thinkless.train.rewards import score
 
     out, easy = distilled["out"], distilled["easy"]
     report = json.loads((out / "report.json").read_text())

@@ -5,16 +5,9 @@ import json
 import pytest
 import tiny
 
+from thinkless.modes import THINK_END, mode_of_text, mode_of_token
 from thinkless.train.config import RewardsConfig
-from thinkless.train.rewards import (
-    THINK_END,
-    check_answer,
-    last_boxed,
-    mode_of_text,
-    mode_of_token,
-    score,
-    solution_text,
-)
+from thinkless.train.rewards import check_answer, last_boxed, score, solution_text
 
 DATA = tiny.DATA / "math500.json"
 

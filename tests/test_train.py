@@ -9,7 +9,7 @@ import pytest
 import tiny
 import torch
 
-from thinkless.train.config import load_config
+from thinkless.train.config import ConfigError, load_config
 from thinkless.train.metrics import MetricsLog
 
 N_PROBLEMS = 24
@@ -377,13 +377,32 @@ def test_resume_applies_a_changed_learning_rate(workdir, tmp_path, capsys):
     assert [r["lr"] for r in rows] == pytest.approx([1e-3, 1e-3, 4e-4, 4e-4])
 
 
+def test_resume_reads_the_checkpoint_once(workdir, tmp_path, monkeypatch):
+    """Resuming checks the checkpoint's files against their manifest (a CRC over every byte: gigabytes for a real
+    model) once, and reads its trainer state (the optimizer's moments) once."""
+    from thinkless.train import checkpoint, run
+    from thinkless.train.sft import run_sft
+
+    out = tmp_path / "once"
+    base = [f"trainer.output_dir={out}", "trainer.save_every=2"]
+    run_sft(_config(workdir, "sft", *base, "trainer.total_steps=2"))
+    verified, loaded = [], []
+    real_verify, real_load = checkpoint.verify_checkpoint, run.load_state
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", lambda folder: verified.append(folder) or real_verify(folder))
+    monkeypatch.setattr(run, "load_state", lambda folder: loaded.append(folder) or real_load(folder))
+    resumed = run.start_run(_config(workdir, "sft", *base, "trainer.total_steps=4"), "sft")
+    assert resumed.step == 2 and verified == [out / "checkpoint-2"] and loaded == [out / "checkpoint-2"]
+    with pytest.raises(ConfigError, match="holds a sft run"):  # the stage check still reads the same state
+        run.start_run(_config(workdir, "rl", *base), "rl")
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.6])
 def test_rollout_logprobs_are_those_of_the_sampling_distribution(workdir, top_p, monkeypatch):
     """The HF engine records each sampled token's log-prob under the distribution it was drawn from. With top_p = 1
     that is the trainer's own softmax at the temperature (recomputed here by a full forward); with top_p < 1 the
     nucleus is renormalised: the recorded log-prob exceeds the full softmax's by -log(nucleus mass) >= 0."""
+    from thinkless.train.logprobs import sequence_logprobs
     from thinkless.train.model import load_model, load_tokenizer
-    from thinkless.train.rl import sequence_logprobs
     from thinkless.train.rollout import generate
 
     config = _config(workdir, "rl", "rollout.n=3", "rollout.max_new_tokens=10", "rollout.temperature=0.7",
@@ -415,7 +434,8 @@ def test_importance_weights_fold_into_per_token_advantages():
     from test_packing import rollouts, tiny_model
 
     from thinkless.kernels.reference import first_response_token_mask
-    from thinkless.train.rl import importance_weights, policy_loss, sequence_logprobs
+    from thinkless.train.logprobs import importance_weights, sequence_logprobs
+    from thinkless.train.policy_loss import policy_loss
 
     ro = rollouts([3, 5, 1, 4], [6, 2, 4, 7], seed=3)
     model = tiny_model("sdpa")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# Trailing moving average (shared with `thinkless-train plot`): each RL step sees only 4-5 prompts of a level.
-from thinkless.train.plot import smooth
+# The figures of `thinkless-train plot` (a trailing moving average on top: each RL step sees only 4-5 prompts of a
+# level), one line per level here.
+from thinkless.train.plot import figure, series
 
 FIGURES = {
     "think_ratio": ("think_ratio.png", "share of samples that open with <think>", (0.0, 1.0)),
-    "acc": ("accuracy.png", "accuracy of the samples", (0.0, 1.0)),
-    "response_tokens": ("response_length.png", "response tokens (mean)", None),
+    "accuracy": ("accuracy.png", "accuracy of the samples", (0.0, 1.0)),
+    "mean_tokens": ("response_length.png", "response tokens (mean)", None),
 }
 
 
@@ -26,7 +27,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_metrics(metrics: Path, levels: list[str], out_dir: Path, title: str = "") -> list[Path]:
-    """One figure per metric, one line per level, against the RL step."""
+    """One figure per metric, one line per level (easiest first, viridis), against the RL step."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a server or in CI
@@ -34,29 +35,14 @@ def plot_metrics(metrics: Path, levels: list[str], out_dir: Path, title: str = "
 
     rows = read_metrics(metrics) if Path(metrics).is_file() else []
     written = []
-    window = max(1, len(rows) // 20)
-    colors = plt.get_cmap("viridis")
     for key, (file, label, ylim) in FIGURES.items():
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+        lines, colors = [], []
         for i, level in enumerate(levels):
-            points = [(r["step"], r[f"{key}/{level}"]) for r in rows if f"{key}/{level}" in r]
-            if not points:
-                continue
-            steps, values = zip(*points, strict=True)
-            color = colors(i / max(1, len(levels) - 1))
-            ax.plot(steps, values, color=color, alpha=0.2, linewidth=0.8)
-            ax.plot(steps, smooth(list(values), window), color=color, label=level, linewidth=2)
-        ax.set_xlabel("RL step")
-        ax.set_ylabel(label)
-        if ylim:
-            ax.set_ylim(*ylim)
-        ax.set_title(f"{title}: {label}" if title else label, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(title="level", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out_dir / file)
-        plt.close(fig)
-        written.append(out_dir / file)
+            steps, values = series(rows, f"{key}/{level}")
+            if steps:
+                lines.append((level, steps, values))
+                colors.append(plt.get_cmap("viridis")(i / max(1, len(levels) - 1)))
+        written.append(figure(plt, out_dir / file, title, label, ylim, lines, colors=colors, legend_title="level"))
     return written
 
 

@@ -9,7 +9,7 @@ Everything goes to `trainer.output_dir` (default `thinkless-runs/demo/`):
     data/             warmup.jsonl (both modes of every problem), rl.jsonl, eval/<level>.jsonl
     warmup/           the SFT run (checkpoints, metrics.jsonl) and warmup/eval/<level>.json
     checkpoint-<N>/   the RL run: the final policy loads with from_pretrained
-    metrics.jsonl     the RL run, with think_ratio/acc/response_tokens per level
+    metrics.jsonl     the RL run, with think_ratio/accuracy/mean_tokens per level
     eval/<level>.json the final evaluation
     report.json       {"levels": [{"name", "warmup": {...}, "final": {...}}, ...]}, easiest level first
     think_ratio.png, accuracy.png, response_length.png
@@ -25,10 +25,15 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from thinkless.demo import task
 from thinkless.train.config import ConfigError, load_config
 from thinkless.train.files import write_text
+
+if TYPE_CHECKING:
+    from thinkless.train.config import Config
+
 
 # The demo's defaults, over the trainer's (which suit 1.5B models on GPUs). Why these values: see README, "Demo".
 DEFAULTS = {
@@ -55,7 +60,7 @@ def demo_config(config_file: str | None = None, overrides: list[str] | tuple[str
     return load_config(config_file, overrides, defaults=DEFAULTS)
 
 
-def mix_weights(config) -> list[float]:
+def mix_weights(config: Config) -> list[float]:
     levels, text = config.demo.levels, config.demo.mix
     try:
         weights = [float(w) for w in text.split(",") if w.strip()]
@@ -74,7 +79,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # an interrupted demo leaves no half file
 
 
-def write_data(root: Path, config) -> dict:
+def write_data(root: Path, config: Config) -> dict:
     """The demo's files, a function of the settings and the seed (rewritten identically on resume)."""
     d, seed = config.demo, config.trainer.seed
     levels = list(range(1, d.levels + 1))
@@ -98,7 +103,7 @@ def write_data(root: Path, config) -> dict:
     return files
 
 
-def build_base_model(root: Path, config) -> Path:
+def build_base_model(root: Path, config: Config) -> Path:
     from thinkless.demo.tiny import build_model
 
     folder = root / "model"
@@ -113,7 +118,7 @@ def build_base_model(root: Path, config) -> Path:
     return folder
 
 
-def _stage(config, **settings):
+def _stage(config: Config, **settings):
     """A copy of `config` with `settings` ({"section__key": value}) changed."""
     import copy
 
@@ -124,7 +129,7 @@ def _stage(config, **settings):
     return out
 
 
-def evaluate(config, model_path: Path, output_dir: Path, files: dict) -> dict:
+def evaluate(config: Config, model_path: Path, output_dir: Path, files: dict) -> dict:
     """Accuracy, think ratio and mean tokens per level: one sample per problem at the RL temperature, the model
     choosing its own control token (the same decoding before and after RL)."""
     from thinkless.train.eval import run_eval
@@ -151,7 +156,7 @@ def _stopped(run, stage: str) -> bool:
     return True
 
 
-def run_demo(config) -> dict | None:
+def run_demo(config: Config) -> dict | None:
     from thinkless.demo.plots import plot_metrics, print_table
     from thinkless.train.rl import run_rl
     from thinkless.train.sft import run_sft

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from thinkless.train.rewards import SHORT, THINK, THINK_END
+from thinkless.modes import SHORT, THINK, THINK_END
 
 BOXED = "\\boxed{"
 

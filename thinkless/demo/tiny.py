@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from thinkless.demo.task import ALPHABET, BOXED
-from thinkless.train.rewards import SHORT, THINK, THINK_END
+from thinkless.modes import SHORT, THINK, THINK_END
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 # The chat turn is the problem itself: a tiny model should not spend its capacity on a chat header.

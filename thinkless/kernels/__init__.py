@@ -8,7 +8,8 @@ to the compiled extension when it is built and to the torch reference otherwise.
 from thinkless.kernels import reference
 from thinkless.kernels._backend import BACKENDS, select_backend
 from thinkless.kernels.advantages import group_advantages
-from thinkless.kernels.degrpo_loss import DeGRPOParams, Normalizers, degrpo_loss, sequence_token_weights
+from thinkless.kernels.degrpo_loss import degrpo_loss
+from thinkless.kernels.degrpo_weights import DeGRPOParams, Normalizers, sequence_token_weights
 from thinkless.kernels.fused_linear import fused_linear_cross_entropy, fused_linear_degrpo_loss, token_logprobs
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""Input checks at the public API boundary.
+"""Input checks at the public API boundary: of one argument, and of the loss's per-token inputs, options and
+normalisers, which `degrpo_loss` and the fused linear losses share.
 
 Every backend sees the same inputs, so a user mistake gives the same `ValueError`, naming the argument, whichever
 implementation would have run.
@@ -76,3 +77,48 @@ def choice(name: str, value, options: tuple[str, ...]) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, options))}, got {value!r}")
     return value
+
+
+def check_loss_inputs(logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights):
+    """`degrpo_loss`'s log-probs, floating [B, T], and its per-token constants checked against them."""
+    logp = floating("logp", logp)
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be 2-D [B, T], got shape {tuple(logp.shape)}")
+    return (
+        logp,
+        *check_token_inputs(
+            logp.shape, logp.device, "logp", old_logp, advantages, response_mask, ref_logp, control_mask,
+            token_weights,
+        ),
+    )  # fmt: skip
+
+
+def check_token_inputs(
+    shape, device, like: str, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights=None
+):
+    """The per-token constants of the loss, checked against the [B, T] shape and the device of `like`."""
+    if old_logp is not None:  # None (the fused loss only): on-policy
+        old_logp = floating("old_logp", old_logp)
+        same_shape("old_logp", old_logp, shape, like)
+    advantages = floating("advantages", advantages)
+    if advantages.shape not in (shape, shape[:1]):
+        raise ValueError(
+            f"advantages has shape {tuple(advantages.shape)}, expected [B]={tuple(shape[:1])} or [B, T]={tuple(shape)}"
+        )
+    response_mask = mask("response_mask", response_mask)
+    same_shape("response_mask", response_mask, shape, like)
+    named = {"advantages": advantages, "response_mask": response_mask}
+    if old_logp is not None:
+        named["old_logp"] = old_logp
+    if ref_logp is not None:
+        ref_logp = named["ref_logp"] = floating("ref_logp", ref_logp)
+        same_shape("ref_logp", ref_logp, shape, like)
+    if control_mask is not None:
+        control_mask = named["control_mask"] = mask("control_mask", control_mask)
+        same_shape("control_mask", control_mask, shape, like)
+    if token_weights is not None:
+        token_weights = named["token_weights"] = floating("token_weights", token_weights).detach()
+        same_shape("token_weights", token_weights, shape, like)
+    for name, value in named.items():
+        same_device(name, value, device, like)
+    return old_logp, advantages, response_mask, ref_logp, control_mask, token_weights

@@ -40,7 +40,7 @@ def _variants() -> list[Variant]:
 
     # import_module, not `from thinkless.kernels import ...`: the package re-exports functions of the same names.
     advantages = importlib.import_module("thinkless.kernels.advantages")
-    degrpo_loss = importlib.import_module("thinkless.kernels.degrpo_loss")
+    degrpo = importlib.import_module("thinkless.kernels.degrpo_triton")
 
     out = [
         Variant(
@@ -65,7 +65,7 @@ def _variants() -> list[Variant]:
     out.append(
         Variant(
             "first_response",
-            degrpo_loss._first_response_kernel,
+            degrpo._first_response_kernel,
             {"mask_ptr": "*u8", "first_ptr": "*i32", "T": "i32", "stride_mask": "i32", "BLOCK": "constexpr"},
             {"BLOCK": _config.FIRST_RESPONSE.block},
             _config.FIRST_RESPONSE.num_warps,
@@ -93,12 +93,12 @@ def _variants() -> list[Variant]:
             flags = {"HAS_CONTROL_MASK": has_control, "HAS_TOKEN_WEIGHTS": has_weights, "KL_TYPE": max(kl_type, 1)}
             tag = f"{dtype},kl={kl_type},control_mask={has_control},token_weights={has_weights}"
             fwd = {**tokens, "stats_ptr": "*fp64", "T": "i32", "n_blocks": "i32", **strides, **options}
-            fwd_flags = {"HAS_REF": kl_type > 0, **flags, "NUM_STATS": degrpo_loss.NUM_STATS, "COMPUTE": compute}
+            fwd_flags = {"HAS_REF": kl_type > 0, **flags, "NUM_STATS": degrpo.NUM_STATS, "COMPUTE": compute}
             fwd_flags["BLOCK"] = _config.DEGRPO_LOSS.block
             out.append(
                 Variant(
                     f"degrpo_fwd[{tag}]",
-                    degrpo_loss._degrpo_fwd_kernel,
+                    degrpo._degrpo_fwd_kernel,
                     {**fwd, **{k: "constexpr" for k in fwd_flags}},
                     fwd_flags,
                     _config.DEGRPO_LOSS.num_warps,
@@ -111,14 +111,14 @@ def _variants() -> list[Variant]:
             out.append(
                 Variant(
                     f"degrpo_bwd[{tag}]",
-                    degrpo_loss._degrpo_bwd_kernel,
+                    degrpo._degrpo_bwd_kernel,
                     {**bwd, **{k: "constexpr" for k in bwd_flags}},
                     bwd_flags,
                     _config.DEGRPO_LOSS.num_warps,
                 )
             )
     # Fused linear loss row kernels: logits in fp32, bf16 or fp64 (their compute dtype fp32, fp32, fp64).
-    fused_linear = importlib.import_module("thinkless.kernels.fused_linear")
+    rows = importlib.import_module("thinkless.kernels.fused_linear_rows")
     temperature = {"inv_temp_hi": "fp32", "inv_temp_lo": "fp32"}  # 1 / temperature as two fp32 halves
     for dtype in ("fp32", "bf16", "fp64"):
         compute, acc = (tl.float64, "fp64") if dtype == "fp64" else (tl.float32, "fp32")
@@ -129,7 +129,7 @@ def _variants() -> list[Variant]:
             out.append(
                 Variant(
                     f"row_stats[{dtype},entropy={entropy}]",
-                    fused_linear._row_stats_kernel,
+                    rows._row_stats_kernel,
                     {**stats, **{k: "constexpr" for k in flags}},
                     flags,
                     _config.ROW_STATS.num_warps,
@@ -143,7 +143,7 @@ def _variants() -> list[Variant]:
             out.append(
                 Variant(
                     f"row_grad[{dtype},entropy_grad={entropy_grad}]",
-                    fused_linear._row_grad_kernel,
+                    rows._row_grad_kernel,
                     {**grad, **{k: "constexpr" for k in flags}},
                     flags,
                     _config.ROW_GRAD.num_warps,

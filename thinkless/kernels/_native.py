@@ -1,4 +1,5 @@
-"""The compiled extension `thinkless._C`: loading it, checking it suits this CPU, and its fake implementations.
+"""The compiled extension `thinkless._C`: loading it, checking it suits this CPU, its fake implementations, and the
+autograd.Function of the DeGRPO loss over its ops.
 
 The ops live in `torch.ops.thinkless` (see csrc/ops.cpp). Their fake (meta) implementations below give output
 shapes and dtypes without running anything, so that torch.compile can trace through them.
@@ -11,6 +12,9 @@ import importlib
 import warnings
 
 import torch
+
+from thinkless.kernels._tensors import compute_dtype, contiguous_tokens
+from thinkless.kernels.degrpo_weights import KL_TYPES, function_outputs, loss_from_totals
 
 # What a build for each instruction set needs from the running CPU, as torch reports it.
 _RUNS_ON = {"DEFAULT": None, "AVX2": {"AVX2", "AVX512"}, "AVX512": {"AVX512"}}
@@ -73,3 +77,41 @@ def _register_fakes() -> None:
     @fake("thinkless::row_grad_")
     def _(logits, targets, lse, grad, inv_temp, entropy, entropy_grad):
         return None
+
+
+class DeGRPOLossNativeFunction(torch.autograd.Function):
+    """Autograd wrapper of the native CPU ops (`torch.ops.thinkless.degrpo_*`); only `logp` receives a gradient."""
+
+    @staticmethod
+    def forward(ctx, logp, old_logp, advantages, response_mask, ref_logp, control_mask, token_weights, counts, params):
+        # The ops take float32 or float64, one dtype for all, tokens contiguous within rows.
+        compute = compute_dtype(logp.dtype)
+        as_rows = lambda x: contiguous_tokens(x.to(compute)) if x is not None else None
+        tokens = (
+            as_rows(logp),
+            as_rows(old_logp),
+            advantages.to(compute).contiguous(),
+            contiguous_tokens(response_mask),
+        )
+        tokens += (as_rows(ref_logp), contiguous_tokens(control_mask) if control_mask is not None else None)
+        tokens += (as_rows(token_weights),)
+        kl_type = KL_TYPES.index(params.kl_type) + 1
+        totals = torch.ops.thinkless.degrpo_forward(
+            *tokens, params.clip_low, params.clip_high, kl_type, params.kl_bound
+        )
+        loss, stats, weights = loss_from_totals(totals, params, counts)
+        ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in tokens), weights)
+        ctx.present = tuple(x is not None for x in tokens)
+        ctx.params, ctx.kl_type, ctx.logp_dtype = params, kl_type, logp.dtype
+        return function_outputs(ctx, loss, stats, logp.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        *tokens, weights = ctx.saved_tensors
+        tokens = [x if present else None for x, present in zip(tokens, ctx.present, strict=True)]
+        p = ctx.params
+        has_kl = tokens[4] is not None and p.kl_coef != 0.0
+        dlogp = torch.ops.thinkless.degrpo_backward(
+            *tokens, weights * grad_loss.to(weights.dtype), p.clip_low, p.clip_high, ctx.kl_type, p.kl_bound, has_kl
+        )
+        return dlogp.to(ctx.logp_dtype), None, None, None, None, None, None, None, None

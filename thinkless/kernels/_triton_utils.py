@@ -37,4 +37,12 @@ def split_scalar(x: float) -> tuple[float, float]:
     return hi, float(torch.tensor(x - hi, dtype=torch.float32))
 
 
-__all__ = ["HAS_TRITON", "triton", "tl", "split_scalar"]
+def triton_dtype(dtype):
+    """The Triton type of a compute dtype (`_tensors.compute_dtype`: torch.float32 or torch.float64), for a kernel's
+    COMPUTE argument."""
+    import torch
+
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[dtype]
+
+
+__all__ = ["HAS_TRITON", "triton", "tl", "split_scalar", "triton_dtype"]

@@ -14,10 +14,11 @@ known, and so is dL/dz = g * (onehot(target) - softmax(z)). Each chunk of C rows
 6·N·H·V FLOPs in total, the same as the three GEMMs of the unfused loss, and C·V extra memory. The gradients are
 formed in forward and kept for backward (as Liger's chunked losses do); backward only scales them.
 
-On CUDA steps 2 and 4 are Triton kernels. On CPU the row work is in torch and takes a different shape, because
-torch cannot fuse it: the chunk becomes E = exp(z - max) in place, and both GEMMs read E with the softmax
-normaliser and g folded into their small [C, H] operands (dH = g (W[t] - E W / s), dW += -E^T (g h / s) plus the
-scattered target rows), so nothing of size C x V is written twice.
+On CUDA steps 2 and 4 are Triton kernels, on CPU the native extension's (both in `fused_linear_rows.py`; the chunk
+loop is in `fused_linear_loop.py`). The torch row work takes a different shape, because torch cannot fuse it: the
+chunk becomes E = exp(z - max) in place, and both GEMMs read E with the softmax normaliser and g folded into their
+small [C, H] operands (dH = g (W[t] - E W / s), dW += -E^T (g h / s) plus the scattered target rows), so nothing
+of size C x V is written twice.
 """
 
 from __future__ import annotations
@@ -28,174 +29,19 @@ from torch.autograd.function import once_differentiable
 
 from thinkless.kernels import _checks, reference
 from thinkless.kernels._backend import select_backend
-from thinkless.kernels._config import ROW_GRAD, ROW_STATS
-from thinkless.kernels._fused_linear_loop import (
-    _compute_dtype_of,
-    _CrossEntropyTokens,
-    _Pass,
-    _RowOps,
-    _run,
-    _Tokens,
-    chunk_rows,
-)
-from thinkless.kernels._triton_utils import split_scalar, tl, triton
-from thinkless.kernels.degrpo_loss import (
+from thinkless.kernels._checks import check_token_inputs
+from thinkless.kernels._tensors import compute_dtype
+from thinkless.kernels.degrpo_loss import degrpo_loss
+from thinkless.kernels.degrpo_weights import (
+    LOSS_DEFAULTS,
+    DeGRPOParams,
     Normalizers,
-    _token_weights,
     check_normalizers,
-    check_token_inputs,
-    degrpo_loss,
     loss_weights,
-    make_params,
+    resolve_token_weights,
 )
-
-# ----------------------------------------------------------------------------------------------------------------
-# Row kernels: Triton (CUDA) and the native extension (CPU); the chunk loop is in _fused_linear_loop.py
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _row_stats_kernel(
-    logits_ptr,  # [C, V] raw logits (h W^T + b), row stride stride_row
-    target_ptr,  # int64 [C]
-    lse_ptr,  # COMPUTE [C], out: logsumexp of the row at temperature
-    logp_ptr,  # COMPUTE [C], out: log-prob of the target
-    entropy_ptr,  # COMPUTE [C], out (when HAS_ENTROPY)
-    V,
-    stride_row,
-    inv_temp_hi,  # 1 / temperature = hi + lo (two fp32 scalars: see split_scalar)
-    inv_temp_lo,
-    HAS_ENTROPY: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """One program per row: online logsumexp (running max m, running sum s of exp(z - m)) over the vocabulary.
-
-    The entropy is log s - sum_v e_v (z_v - m) / s; its running sum is kept relative to the running max too, so it
-    never adds large terms that cancel.
-    """
-    row = tl.program_id(0).to(tl.int64)
-    base = logits_ptr + row * stride_row  # int64: C * V passes 2^31 at real sizes
-    one = tl.full((), 1.0, COMPUTE)  # the halves go up to COMPUTE before they are added
-    inv_temp = inv_temp_hi * one + inv_temp_lo * one
-    offs = tl.arange(0, BLOCK_V)
-    m = tl.full((), float("-inf"), COMPUTE)
-    s = tl.zeros((), COMPUTE)
-    sz = tl.zeros((), COMPUTE)
-    for start in range(0, V, BLOCK_V):
-        v = start + offs
-        x = tl.load(base + v, mask=v < V, other=float("-inf")).to(COMPUTE) * inv_temp
-        m_new = tl.maximum(m, tl.max(x, axis=0))
-        scale = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
-        if HAS_ENTROPY:
-            # s > 0 guards the first block, where m = -inf and s * (m - m_new) would be 0 * inf.
-            shift = tl.where(s > 0, s * (m - m_new), 0.0)
-            sz = scale * (sz + shift) + tl.sum(tl.where(v < V, e * (x - m_new), 0.0), axis=0)
-        s = s * scale + tl.sum(e, axis=0)
-        m = m_new
-    log_s = tl.log(s)
-    lse = m + log_s
-    target = tl.load(target_ptr + row)
-    z_target = tl.load(base + target).to(COMPUTE) * inv_temp
-    tl.store(lse_ptr + row, lse)
-    tl.store(logp_ptr + row, z_target - lse)
-    if HAS_ENTROPY:
-        tl.store(entropy_ptr + row, log_s - sz / s)
-
-
-@triton.jit
-def _row_grad_kernel(
-    logits_ptr,  # [C, V] raw logits in, dL/d(raw logits) out, in place
-    target_ptr,  # int64 [C]
-    lse_ptr,  # COMPUTE [C]
-    grad_ptr,  # COMPUTE [C]: dL/dlogp / temperature
-    entropy_ptr,  # COMPUTE [C]: the row's entropy (when HAS_ENTROPY_GRAD)
-    entropy_grad_ptr,  # COMPUTE [C]: dL/d(entropy) / temperature (when HAS_ENTROPY_GRAD)
-    V,
-    stride_row,
-    inv_temp_hi,
-    inv_temp_lo,
-    HAS_ENTROPY_GRAD: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    """dz = g * (onehot(target) - softmax(x)), x = z / tau, over a [row, vocab block] grid: the logsumexp is known,
-    so every block is independent. The entropy bonus adds gamma * dH/dx = -gamma * p * (x - lse + H)."""
-    row = tl.program_id(0).to(tl.int64)
-    v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    base = logits_ptr + row * stride_row
-    one = tl.full((), 1.0, COMPUTE)  # the halves go up to COMPUTE before they are added
-    inv_temp = inv_temp_hi * one + inv_temp_lo * one
-    x = tl.load(base + v, mask=v < V, other=0.0).to(COMPUTE) * inv_temp
-    lse = tl.load(lse_ptr + row)
-    p = tl.exp(x - lse)
-    g = tl.load(grad_ptr + row)
-    dz = g * (tl.where(v == tl.load(target_ptr + row), 1.0, 0.0) - p)
-    if HAS_ENTROPY_GRAD:
-        gamma = tl.load(entropy_grad_ptr + row)
-        dz -= gamma * p * (x - lse + tl.load(entropy_ptr + row))
-    tl.store(base + v, dz.to(logits_ptr.dtype.element_ty), mask=v < V)
-
-
-def _row_stats_triton(z: Tensor, targets: Tensor, inv_temp: float, want_entropy: bool, compute: torch.dtype):
-    n, V = z.shape
-    lse, logp, entropy = (torch.empty(n, dtype=compute, device=z.device) for _ in range(3))
-    _row_stats_kernel[(n,)](
-        z, targets, lse, logp, entropy,
-        V, z.stride(0), *split_scalar(inv_temp),
-        HAS_ENTROPY=want_entropy,
-        COMPUTE=_triton_dtype(compute),
-        BLOCK_V=ROW_STATS.block,
-        num_warps=ROW_STATS.num_warps,
-    )  # fmt: skip
-    return lse, logp, entropy
-
-
-def _row_grad_triton(z: Tensor, targets: Tensor, lse: Tensor, g: Tensor, inv_temp: float, entropy, gamma) -> None:
-    n, V = z.shape
-    has_entropy_grad = gamma is not None
-    _row_grad_kernel[(n, triton.cdiv(V, ROW_GRAD.block))](
-        z, targets, lse, g, entropy if has_entropy_grad else lse, gamma if has_entropy_grad else lse,
-        V, z.stride(0), *split_scalar(inv_temp),
-        HAS_ENTROPY_GRAD=has_entropy_grad,
-        COMPUTE=_triton_dtype(lse.dtype),
-        BLOCK_V=ROW_GRAD.block,
-        num_warps=ROW_GRAD.num_warps,
-    )  # fmt: skip
-
-
-def _triton_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _native_stats(z, targets, inv_temp, want_entropy):
-    return torch.ops.thinkless.row_stats(z, targets, inv_temp, want_entropy)
-
-
-def _native_grad_(z, targets, lse, g, inv_temp, entropy, gamma):
-    torch.ops.thinkless.row_grad_(z, targets, lse, g.contiguous(), inv_temp, entropy, gamma)
-
-
-_ROW_OPS = {
-    "triton": _RowOps(
-        column_layout=False,
-        upcast=False,
-        stats=lambda z, t, it, ent: _row_stats_triton(z, t, it, ent, _compute_dtype_of(z.dtype)),
-        grad_=_row_grad_triton,
-    ),
-    "cpp": _RowOps(
-        column_layout=True,
-        upcast=True,
-        stats=_native_stats,
-        grad_=_native_grad_,
-    ),
-}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# autograd.Function and public functions
-# ----------------------------------------------------------------------------------------------------------------
+from thinkless.kernels.fused_linear_loop import CrossEntropyTokens, Pass, Tokens, chunk_rows, run
+from thinkless.kernels.fused_linear_rows import ROW_OPS
 
 
 class FusedLinearDeGRPOFunction(torch.autograd.Function):
@@ -203,13 +49,13 @@ class FusedLinearDeGRPOFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, ps_fields: dict):
-        ps = _Pass(
+        ps = Pass(
             hidden=hidden2d.detach(),
             weight=weight.detach(),
             bias=bias.detach() if bias is not None else None,
             **ps_fields,
         )
-        logp, entropy, dH, dW, db = _run(ps, _ROW_OPS)
+        logp, entropy, dH, dW, db = run(ps)
         ctx.save_for_backward(*(x if x is not None else torch.empty(0) for x in (dH, dW, db)))
         ctx.has = (dH is not None, dW is not None, db is not None)
         ctx.dtypes = (hidden2d.dtype, weight.dtype, bias.dtype if bias is not None else None)
@@ -284,8 +130,8 @@ def _row_backend(device: torch.device, backend: str | None) -> str:
 
 
 def _buffer_itemsize(weight: Tensor, row_backend: str) -> int:
-    upcast = row_backend == "torch" or _ROW_OPS[row_backend].upcast
-    return _compute_dtype_of(weight.dtype).itemsize if upcast else weight.element_size()
+    upcast = row_backend == "torch" or ROW_OPS[row_backend].upcast
+    return compute_dtype(weight.dtype).itemsize if upcast else weight.element_size()
 
 
 def token_logprobs(
@@ -321,9 +167,9 @@ def token_logprobs(
     h2 = hidden.reshape(-1, hidden.shape[-1])
     chunk = chunk_rows(chunk_size, h2.shape[0], weight.shape[0], _buffer_itemsize(weight, rows), hidden.device)
     with torch.no_grad():
-        ps = _Pass(h2.detach(), weight.detach(), None if bias is None else bias.detach(), target_ids.reshape(-1).long(),
+        ps = Pass(h2.detach(), weight.detach(), None if bias is None else bias.detach(), target_ids.reshape(-1).long(),
                    temperature, chunk, rows, bool(return_entropy))  # fmt: skip
-        logp, entropy, *_ = _run(ps, _ROW_OPS)
+        logp, entropy, *_ = run(ps)
     logp = logp.view(target_ids.shape)
     return (logp, entropy.view(target_ids.shape)) if return_entropy else logp
 
@@ -340,15 +186,15 @@ def fused_linear_degrpo_loss(
     ref_logp: Tensor | None = None,
     temperature: float = 1.0,
     control_mask: Tensor | None = None,
-    alpha: float = 1e-3,
-    clip_low: float = 0.2,
-    clip_high: float = 0.2,
-    kl_coef: float = 0.0,
-    kl_type: str = "k3",
-    kl_clamp: float | None = None,
-    decoupled: bool = True,
-    loss_agg: str = "token_mean",
-    loss_agg_norm: float | None = None,
+    alpha: float = LOSS_DEFAULTS.alpha,
+    clip_low: float = LOSS_DEFAULTS.clip_low,
+    clip_high: float = LOSS_DEFAULTS.clip_high,
+    kl_coef: float = LOSS_DEFAULTS.kl_coef,
+    kl_type: str = LOSS_DEFAULTS.kl_type,
+    kl_clamp: float | None = LOSS_DEFAULTS.kl_clamp,
+    decoupled: bool = LOSS_DEFAULTS.decoupled,
+    loss_agg: str = LOSS_DEFAULTS.loss_agg,
+    loss_agg_norm: float | None = LOSS_DEFAULTS.loss_agg_norm,
     entropy_coef: float = 0.0,
     normalizers: Normalizers | dict | None = None,
     token_weights: Tensor | None = None,
@@ -393,20 +239,20 @@ def fused_linear_degrpo_loss(
         (B, T), hidden.device, "target_ids", old_logp, advantages, response_mask, ref_logp, control_mask,
         token_weights,
     )  # fmt: skip
-    params = make_params(
-        alpha, clip_low, clip_high, kl_coef, kl_type, decoupled, ref_logp is not None, kl_clamp=kl_clamp,
-        loss_agg=loss_agg, loss_agg_norm=loss_agg_norm,
+    params = DeGRPOParams.checked(
+        has_ref=ref_logp is not None, alpha=alpha, clip_low=clip_low, clip_high=clip_high, kl_coef=kl_coef,
+        kl_type=kl_type, kl_clamp=kl_clamp, decoupled=decoupled, loss_agg=loss_agg, loss_agg_norm=loss_agg_norm,
     )  # fmt: skip
     entropy_coef = _checks.number("entropy_coef", entropy_coef)
     counts = check_normalizers(normalizers, hidden.device)
     _check_targets(target_ids, V, response_mask)
     rows = _row_backend(hidden.device, backend)
-    compute = _compute_dtype_of(hidden.dtype)
+    compute = compute_dtype(hidden.dtype)
 
     # Per-token constants, flat, and the loss weights from the normalisers.
     first = reference.first_response_token_mask(response_mask)
     control = first if control_mask is None else control_mask & response_mask
-    tw = _token_weights(params, token_weights, response_mask, control)
+    tw = resolve_token_weights(params, token_weights, response_mask, control)
     resp, ctrl = response_mask.reshape(-1), control.reshape(-1)
     n_control, n_response = ctrl.sum().to(compute), resp.sum().to(compute)
     if counts is None:
@@ -416,7 +262,7 @@ def fused_linear_degrpo_loss(
     adv = advantages[:, None].expand(B, T) if advantages.dim() == 1 else advantages
 
     flat = lambda pick, x: pick(x.reshape(-1)).to(compute).contiguous()
-    make_tokens = lambda pick: _Tokens(  # noqa: E731
+    make_tokens = lambda pick: Tokens(  # noqa: E731
         old=flat(pick, old_logp) if old_logp is not None else None,
         adv=flat(pick, adv),
         resp=pick(resp).contiguous(),
@@ -519,7 +365,7 @@ def fused_linear_cross_entropy(
     n = int(loss_mask.sum())
     rows = _row_backend(hidden.device, backend)
     carrier, logp, entropy = _fused_pass(
-        hidden, weight, bias, target_ids, loss_mask, lambda pick: _CrossEntropyTokens(1.0 / max(n, 1)),
+        hidden, weight, bias, target_ids, loss_mask, lambda pick: CrossEntropyTokens(1.0 / max(n, 1)),
         temperature, chunk_size, rows,
     )  # fmt: skip
     with torch.no_grad():

@@ -167,7 +167,7 @@ def degrpo_loss(
     token_loss = torch.maximum(unclipped, clipped)
 
     def count(name: str, local: Tensor) -> Tensor:
-        value = local if normalizers is None else _normalizer(normalizers, name)
+        value = local if normalizers is None else normalizer(normalizers, name)
         return torch.as_tensor(value, dtype=dtype, device=logp.device)
 
     # Every divisor is at least 1: an empty term contributes 0, never NaN.
@@ -218,7 +218,7 @@ def degrpo_loss(
     return loss, {name: value.detach() for name, value in metrics.items()}
 
 
-def _normalizer(normalizers, name: str):
+def normalizer(normalizers, name: str):
     """A count from a `Normalizers`, a mapping or any object with the three attributes."""
     return normalizers[name] if isinstance(normalizers, dict) else getattr(normalizers, name)
 
@@ -264,7 +264,7 @@ def fused_linear_degrpo_loss(
     loss, metrics = degrpo_loss(logp, old_logp, advantages, response_mask, **options)
     response_mask = response_mask.bool()
     normalizers = options.get("normalizers")
-    n = response_mask.sum() if normalizers is None else _normalizer(normalizers, "response_tokens")
+    n = response_mask.sum() if normalizers is None else normalizer(normalizers, "response_tokens")
     mean_entropy = _masked_sum(entropy, response_mask) / torch.as_tensor(n, dtype=entropy.dtype).clamp(min=1)
     if entropy_coef != 0.0:
         loss = loss - entropy_coef * mean_entropy

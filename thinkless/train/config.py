@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from thinkless.kernels.degrpo_weights import KL_TYPES, LOSS_AGGS, DeGRPOParams
+
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
@@ -23,17 +25,39 @@ class ConfigError(ValueError):
     """A user mistake in the settings: the CLI prints it as one line, without a traceback."""
 
 
-def _key(default, help_text: str, **kw):
+def _key(default, help_text: str, *, low=None, above=None, unit: bool = False, choices: tuple | None = None):
+    """A setting: its default, its help line, and its rule (checked by `validate`, a ConfigError naming the key):
+    `low` (value >= low), `above` (value > above), `unit` (0 < value <= 1) or `choices`."""
+    rule = {"low": low, "above": above, "unit": unit, "choices": choices}
+    metadata = {"help": help_text, **{k: v for k, v in rule.items() if v is not None and v is not False}}
     if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help_text}, **kw)
-    return field(default=default, metadata={"help": help_text}, **kw)
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_LOSS_OPTIONS = {f.name: f for f in dataclasses.fields(DeGRPOParams)}
+
+
+def _loss_key(name: str, help_text: str | None = None, **rule):
+    """An algo.* setting that is an option of the DeGRPO loss: its default and meaning as the loss declares them
+    (`thinkless.kernels.DeGRPOParams`); `policy_loss.loss_options` hands it to the loss by name."""
+    option = _LOSS_OPTIONS[name]
+    return _key(option.default, help_text or option.metadata["help"], **rule)
 
 
 @dataclass
 class ModelConfig:
     path: str = _key("", "local folder or Hugging Face hub id of the policy (AutoModelForCausalLM)")
-    dtype: str = _key("auto", "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32")
-    attn_implementation: str = _key("auto", "auto (flash_attention_2 if installed on CUDA, else sdpa), sdpa, eager")
+    dtype: str = _key(
+        "auto",
+        "auto (bf16 on GPU, fp32 on CPU), bfloat16, float16 or float32",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    attn_implementation: str = _key(
+        "auto",
+        "auto (flash_attention_2 if installed on CUDA, else sdpa), sdpa, eager",
+        choices=("auto", "sdpa", "eager", "flash_attention_2"),
+    )
     gradient_checkpointing: bool = _key(False, "recompute activations in backward to save memory")
     liger: bool = _key(True, "apply Liger-Kernel patches (RMSNorm, RoPE, SwiGLU) on CUDA when installed")
     ref_path: str = _key("", "the frozen reference model for the KL term; default: model.path")
@@ -51,6 +75,7 @@ class DataConfig:
         "auto",
         "how the answer column holds the final answer: plain (as is), gsm8k (after the last ####, commas dropped), "
         "boxed (the last \\boxed{}), auto (#### -> gsm8k, \\boxed -> boxed, else plain)",
+        choices=("auto", "plain", "gsm8k", "boxed"),
     )
     filter_key: str = _key("", "keep only the rows whose value in this column is one of data.filter_values (e.g. type)")
     filter_values: list[str] = _key([], "the values data.filter_key keeps, whole and case-insensitive (e.g. [Algebra])")
@@ -61,59 +86,69 @@ class DataConfig:
         "after",
         "where the instruction goes: after (problem, space, instruction), before (instruction, newline, "
         "problem: the authors' eval prompt) or none (the problem alone: the authors' RL prompt)",
+        choices=("after", "before", "none"),
     )
     tag_key: str = _key("", "RL: column that tags each problem (e.g. level); metrics are also reported per tag")
-    max_prompt_tokens: int = _key(1024, "prompts longer than this are dropped (with a count in the log)")
-    max_length: int = _key(8192, "SFT: longest prompt + response in tokens; longer examples are truncated")
+    max_prompt_tokens: int = _key(1024, "prompts longer than this are dropped (with a count in the log)", low=1)
+    max_length: int = _key(8192, "SFT: longest prompt + response in tokens; longer examples are truncated", low=2)
 
 
 @dataclass
 class RolloutConfig:
-    n: int = _key(8, "samples per prompt (the group size G of GRPO)")
-    temperature: float = _key(0.6, "sampling temperature; the loss uses the same one for its log-probs")
-    top_p: float = _key(1.0, "nucleus sampling")
-    max_new_tokens: int = _key(4096, "longest response")
-    engine: str = _key("hf", "generation engine: hf (transformers generate) or vllm (colocated; the vllm extra)")
+    n: int = _key(8, "samples per prompt (the group size G of GRPO)", low=1)
+    temperature: float = _key(0.6, "sampling temperature; the loss uses the same one for its log-probs", above=0)
+    top_p: float = _key(1.0, "nucleus sampling", unit=True)
+    max_new_tokens: int = _key(4096, "longest response", low=1)
+    engine: str = _key(
+        "hf",
+        "generation engine: hf (transformers generate) or vllm (colocated; the vllm extra)",
+        choices=("hf", "vllm"),
+    )
     compile: bool = _key(
         False, "hf engine: static KV cache and a torch.compile'd decode step (Llama-family models; else generate)"
     )
-    vllm_gpu_memory_utilization: float = _key(0.3, "vllm: share of the GPU's memory for its weights and KV cache")
+    vllm_gpu_memory_utilization: float = _key(
+        0.3, "vllm: share of the GPU's memory for its weights and KV cache", unit=True
+    )
     vllm_sleep: bool = _key(True, "vllm: release its GPU memory while the policy trains (sleep level 2)")
 
 
 @dataclass
 class AlgoConfig:
-    alpha: float = _key(1e-3, "DeGRPO weight of the control-token loss")
-    decoupled: bool = _key(True, "DeGRPO; false gives vanilla GRPO (one token-mean, for comparisons)")
-    clip_low: float = _key(0.2, "PPO clip range: ratio >= 1 - clip_low")
-    clip_high: float = _key(0.2, "PPO clip range: ratio <= 1 + clip_high")
-    kl_coef: float = _key(0.0, "weight of the KL term to the reference model (loaded only when > 0)")
-    kl_type: str = _key("k3", "KL estimator: k1, k2 or k3")
-    kl_clamp: float = _key(0.0, "clamp each token's KL estimate to [-kl_clamp, kl_clamp] (low_var_kl: 10); 0: off")
-    entropy_coef: float = _key(0.0, "entropy bonus: the loss subtracts entropy_coef x the token-mean entropy")
-    loss_agg: str = _key(
-        "token_mean",
-        "aggregation of the response term: token_mean, seq_mean_token_mean (per-sequence 1/T_i) or "
-        "seq_mean_token_sum_norm (Dr. GRPO: each sequence's sum / loss_agg_norm)",
+    # The DeGRPO loss's options (kernels.DeGRPOParams), by name; off-switches are 0 here where the loss takes None.
+    alpha: float = _loss_key("alpha", low=0)
+    decoupled: bool = _loss_key("decoupled")
+    clip_low: float = _loss_key("clip_low", low=0)
+    clip_high: float = _loss_key("clip_high", low=0)
+    kl_coef: float = _loss_key("kl_coef", "weight of the KL term to the reference model (loaded only when > 0)", low=0)
+    kl_type: str = _loss_key("kl_type", choices=KL_TYPES)
+    kl_clamp: float = _key(
+        0.0, "clamp each token's KL estimate to [-kl_clamp, kl_clamp] (low_var_kl: 10); 0: off", low=0
     )
-    loss_agg_norm: int = _key(0, "seq_mean_token_sum_norm: the constant token count; 0: rollout.max_new_tokens")
+    entropy_coef: float = _key(0.0, "entropy bonus: the loss subtracts entropy_coef x the token-mean entropy", low=0)
+    loss_agg: str = _loss_key("loss_agg", choices=LOSS_AGGS)
+    loss_agg_norm: int = _key(0, "seq_mean_token_sum_norm: the constant token count; 0: rollout.max_new_tokens", low=0)
     normalize_std: bool = _key(False, "divide advantages by the group std (GRPO); false: Dr. GRPO, as Thinkless")
     filter_groups: bool = _key(False, "drop groups whose rewards are all equal (zero advantage)")
-    ppo_epochs: int = _key(1, "passes over each batch of rollouts")
-    mini_batch_size: int = _key(0, "prompts per optimizer step within a batch; 0: the whole batch")
-    micro_batch_size: int = _key(4, "sequences per forward/backward (gradient accumulation)")
-    micro_batch_tokens: int = _key(0, "with padding_free: tokens per micro-batch (dynamic); 0: micro_batch_size")
+    ppo_epochs: int = _key(1, "passes over each batch of rollouts", low=1)
+    mini_batch_size: int = _key(0, "prompts per optimizer step within a batch; 0: the whole batch", low=0)
+    micro_batch_size: int = _key(4, "sequences per forward/backward (gradient accumulation)", low=1)
+    micro_batch_tokens: int = _key(0, "with padding_free: tokens per micro-batch (dynamic); 0: micro_batch_size", low=0)
     padding_free: bool = _key(False, "pack each micro-batch into one row (positions restart; no padding computed)")
-    lr: float = _key(1e-6, "AdamW learning rate")
-    weight_decay: float = _key(0.0, "AdamW weight decay")
+    lr: float = _key(1e-6, "AdamW learning rate", above=0)
+    weight_decay: float = _key(0.0, "AdamW weight decay", low=0)
     betas: list[float] = _key([0.9, 0.999], "AdamW betas (beta1, beta2); the authors' run uses [0.9, 0.95]")
-    warmup_steps: int = _key(0, "linear learning-rate warmup, in optimizer updates")
-    lr_scheduler: str = _key("constant", "after the warmup: constant, cosine or linear (decay to 0 at the last step)")
-    max_grad_norm: float = _key(1.0, "gradient clipping")
+    warmup_steps: int = _key(0, "linear learning-rate warmup, in optimizer updates", low=0)
+    lr_scheduler: str = _key(
+        "constant",
+        "after the warmup: constant, cosine or linear (decay to 0 at the last step)",
+        choices=("constant", "cosine", "linear"),
+    )
+    max_grad_norm: float = _key(1.0, "gradient clipping", above=0)
     is_correction: bool = _key(
         False, "truncated importance sampling: weight each token by min(exp(old - rollout log-prob), is_cap)"
     )
-    is_cap: float = _key(2.0, "the truncation of the importance-sampling weights (algo.is_correction)")
+    is_cap: float = _key(2.0, "the truncation of the importance-sampling weights (algo.is_correction)", above=0)
 
 
 @dataclass
@@ -127,19 +162,23 @@ class RewardsConfig:
 @dataclass
 class TrainerConfig:
     output_dir: str = _key("thinkless-runs/run", "the run's folder: config, metrics.jsonl, checkpoints, eval")
-    batch_size: int = _key(8, "prompts per step (RL) or examples per step (SFT)")
-    total_steps: int = _key(100, "training steps (RL: rollout batches, each with its updates; SFT: optimizer steps)")
-    save_every: int = _key(50, "write checkpoint-<step>/ every this many steps (and at the end)")
-    keep_last: int = _key(2, "checkpoints kept; older ones are deleted")
+    batch_size: int = _key(8, "prompts per step (RL) or examples per step (SFT)", low=1)
+    total_steps: int = _key(
+        100, "training steps (RL: rollout batches, each with its updates; SFT: optimizer steps)", low=0
+    )
+    save_every: int = _key(50, "write checkpoint-<step>/ every this many steps (and at the end)", low=1)
+    keep_last: int = _key(2, "checkpoints kept; older ones are deleted", low=1)
     max_skipped_updates: int = _key(
-        3, "stop after this many optimizer updates in a row skipped for a non-finite loss or gradient"
+        3,
+        "stop after this many optimizer updates in a row skipped for a non-finite loss or gradient",
+        low=1,
     )
     seed: int = _key(0, "random seed")
     device: str = _key("auto", "auto (cuda if available), cuda or cpu")
-    report_to: str = _key("none", "none, tensorboard or wandb")
+    report_to: str = _key("none", "none, tensorboard or wandb", choices=("none", "tensorboard", "wandb"))
     val_files: list[str] = _key([], "RL: files to validate on every val_every steps (val/<file>/... metrics)")
-    val_every: int = _key(0, "RL: validate every this many steps (and before the first); 0: never")
-    val_n: int = _key(1, "RL: samples per validation problem")
+    val_every: int = _key(0, "RL: validate every this many steps (and before the first); 0: never", low=0)
+    val_n: int = _key(1, "RL: samples per validation problem", low=1)
 
 
 @dataclass
@@ -154,12 +193,14 @@ class EvalConfig:
         "rl",
         "rl: the training reward's rule (think answers after </think>); authors: their evaluation scripts' rule "
         "(the last \\boxed{} anywhere, thinking included, else the last number), for the paper's table",
+        choices=("rl", "authors"),
     )
-    limit: int = _key(0, "evaluate only the first N problems of each file (lm-eval's --limit); 0: all")
+    limit: int = _key(0, "evaluate only the first N problems of each file (lm-eval's --limit); 0: all", low=0)
     force_mode: str = _key(
         "",
         "short or think: the control token goes into the prompt, so that one mode is measured (in eval/<mode>/; "
         "both measured give the oracle router); empty: the model chooses",
+        choices=("", "short", "think"),
     )
 
 
@@ -180,43 +221,30 @@ class DistillConfig:
     short_template_args: list[str] = _key(
         [], "short_model: chat-template options, key=value each (Qwen3: [enable_thinking=false])"
     )
-    think_n: int = _key(1, "think_model: samples per problem")
-    think_temperature: float = _key(0.6, "think_model: sampling temperature")
-    think_top_p: float = _key(0.95, "think_model: nucleus sampling")
-    think_max_tokens: int = _key(16384, "think_model: longest response; a longer one is cut off and dropped")
-    short_n: int = _key(1, "short_model: samples per problem")
-    short_temperature: float = _key(0.6, "short_model: sampling temperature")
-    short_top_p: float = _key(0.95, "short_model: nucleus sampling")
-    short_max_tokens: int = _key(2048, "short_model: longest response; a longer one is cut off and dropped")
-    keep_per_mode: int = _key(1, "correct responses kept per problem and mode, the first sampled; 0: all")
+    think_n: int = _key(1, "think_model: samples per problem", low=1)
+    think_temperature: float = _key(0.6, "think_model: sampling temperature", above=0)
+    think_top_p: float = _key(0.95, "think_model: nucleus sampling", unit=True)
+    think_max_tokens: int = _key(16384, "think_model: longest response; a longer one is cut off and dropped", low=1)
+    short_n: int = _key(1, "short_model: samples per problem", low=1)
+    short_temperature: float = _key(0.6, "short_model: sampling temperature", above=0)
+    short_top_p: float = _key(0.95, "short_model: nucleus sampling", unit=True)
+    short_max_tokens: int = _key(2048, "short_model: longest response; a longer one is cut off and dropped", low=1)
+    keep_per_mode: int = _key(1, "correct responses kept per problem and mode, the first sampled; 0: all", low=0)
     require_both: bool = _key(False, "keep only problems with a correct answer in both modes")
-    shard_size: int = _key(256, "problems per shard: the unit of work written at once, and of resuming")
-    limit: int = _key(0, "only the first N problems (after dedup and the contamination guard); 0: all")
-    format: str = _key("jsonl", "the hybrid file's format: jsonl or parquet")
+    shard_size: int = _key(256, "problems per shard: the unit of work written at once, and of resuming", low=1)
+    limit: int = _key(0, "only the first N problems (after dedup and the contamination guard); 0: all", low=0)
+    format: str = _key("jsonl", "the hybrid file's format: jsonl or parquet", choices=("jsonl", "parquet"))
 
 
 @dataclass
 class DemoConfig:
-    levels: int = _key(5, "demo only: difficulty levels (1..levels digits per operand)")
+    levels: int = _key(5, "demo only: difficulty levels (1..levels digits per operand)", low=1)
     mix: str = _key("3,1", "demo only: RL problems per level, easiest first, the last repeating (3x more 1-digit)")
-    warmup_steps: int = _key(700, "demo only: warm-up SFT steps")
-    warmup_batch_size: int = _key(128, "demo only: warm-up SFT examples per step")
-    warmup_lr: float = _key(1e-3, "demo only: warm-up SFT peak learning rate (cosine decay)")
-    eval_problems: int = _key(500, "demo only: problems per level in the before/after evaluation")
-    hidden_size: int = _key(128, "demo only: width of the tiny Qwen2 (2 layers)")
-
-
-SECTIONS = {
-    "model": ModelConfig,
-    "data": DataConfig,
-    "rollout": RolloutConfig,
-    "algo": AlgoConfig,
-    "rewards": RewardsConfig,
-    "trainer": TrainerConfig,
-    "eval": EvalConfig,
-    "distill": DistillConfig,
-    "demo": DemoConfig,
-}
+    warmup_steps: int = _key(700, "demo only: warm-up SFT steps", low=0)
+    warmup_batch_size: int = _key(128, "demo only: warm-up SFT examples per step", low=1)
+    warmup_lr: float = _key(1e-3, "demo only: warm-up SFT peak learning rate (cosine decay)", above=0)
+    eval_problems: int = _key(500, "demo only: problems per level in the before/after evaluation", low=1)
+    hidden_size: int = _key(128, "demo only: width of the tiny Qwen2 (2 layers)", low=8)
 
 
 @dataclass
@@ -237,6 +265,9 @@ class Config:
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+SECTIONS = typing.get_type_hints(Config)  # section name -> its dataclass, in Config's order
 
 
 def _field_types(section_cls) -> dict[str, object]:
@@ -341,53 +372,13 @@ def _parse_override(dotted: str, text: str):
     return text  # _set's coercion gives it the key's type (or names the key when it cannot)
 
 
-def _at_least(name: str, value, low, *, strict: bool = False) -> None:
-    if value < low or (strict and value == low):
-        raise ConfigError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
-
-
 def validate(config: Config) -> None:
-    """Ranges and choices, checked before any data or model is read (a bad value must not cost a training step)."""
+    """Every key's rule (`_key`: ranges and choices), then the rules between keys; checked before any data or
+    model is read (a bad value must not cost a training step)."""
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            _check_rule(f"{section}.{f.name}", getattr(getattr(config, section), f.name), f.metadata)
     t, a, r = config.trainer, config.algo, config.rollout
-    for name, value, low in [
-        ("trainer.batch_size", t.batch_size, 1), ("trainer.total_steps", t.total_steps, 0),
-        ("trainer.save_every", t.save_every, 1), ("trainer.keep_last", t.keep_last, 1),
-        ("trainer.max_skipped_updates", t.max_skipped_updates, 1),
-        ("rollout.n", r.n, 1), ("rollout.max_new_tokens", r.max_new_tokens, 1),
-        ("algo.ppo_epochs", a.ppo_epochs, 1), ("algo.mini_batch_size", a.mini_batch_size, 0),
-        ("algo.micro_batch_size", a.micro_batch_size, 1),
-        ("algo.micro_batch_tokens", a.micro_batch_tokens, 0), ("algo.warmup_steps", a.warmup_steps, 0),
-        ("algo.alpha", a.alpha, 0), ("algo.clip_low", a.clip_low, 0), ("algo.clip_high", a.clip_high, 0),
-        ("algo.kl_coef", a.kl_coef, 0), ("algo.weight_decay", a.weight_decay, 0),
-        ("algo.kl_clamp", a.kl_clamp, 0), ("algo.entropy_coef", a.entropy_coef, 0),
-        ("algo.loss_agg_norm", a.loss_agg_norm, 0),
-        ("trainer.val_every", t.val_every, 0), ("trainer.val_n", t.val_n, 1),
-        ("eval.limit", config.eval.limit, 0),
-        ("data.max_prompt_tokens", config.data.max_prompt_tokens, 1), ("data.max_length", config.data.max_length, 2),
-        ("distill.think_n", config.distill.think_n, 1), ("distill.short_n", config.distill.short_n, 1),
-        ("distill.think_max_tokens", config.distill.think_max_tokens, 1),
-        ("distill.short_max_tokens", config.distill.short_max_tokens, 1),
-        ("distill.keep_per_mode", config.distill.keep_per_mode, 0),
-        ("distill.shard_size", config.distill.shard_size, 1),
-        ("distill.limit", config.distill.limit, 0),
-        ("demo.levels", config.demo.levels, 1), ("demo.warmup_steps", config.demo.warmup_steps, 0),
-        ("demo.warmup_batch_size", config.demo.warmup_batch_size, 1),
-        ("demo.eval_problems", config.demo.eval_problems, 1), ("demo.hidden_size", config.demo.hidden_size, 8),
-    ]:  # fmt: skip
-        _at_least(name, value, low)
-    _at_least("rollout.temperature", r.temperature, 0, strict=True)
-    _at_least("algo.lr", a.lr, 0, strict=True)
-    _at_least("distill.think_temperature", config.distill.think_temperature, 0, strict=True)
-    _at_least("distill.short_temperature", config.distill.short_temperature, 0, strict=True)
-    _at_least("demo.warmup_lr", config.demo.warmup_lr, 0, strict=True)
-    _at_least("algo.max_grad_norm", a.max_grad_norm, 0, strict=True)
-    _at_least("algo.is_cap", a.is_cap, 0, strict=True)
-    for name, value in [
-        ("rollout.top_p", r.top_p), ("rollout.vllm_gpu_memory_utilization", r.vllm_gpu_memory_utilization),
-        ("distill.think_top_p", config.distill.think_top_p), ("distill.short_top_p", config.distill.short_top_p),
-    ]:  # fmt: skip
-        if not 0 < value <= 1:
-            raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
     if bool(t.val_files) != bool(t.val_every):  # one without the other would be silently ignored
         given, missing = (
             ("trainer.val_files", "trainer.val_every") if t.val_files else ("trainer.val_every", "trainer.val_files")
@@ -395,33 +386,25 @@ def validate(config: Config) -> None:
         raise ConfigError(f"{given} needs {missing} (validation during RL uses both)")
     if len(a.betas) != 2 or not all(0 <= b < 1 for b in a.betas):
         raise ConfigError(f"algo.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {a.betas!r}")
-    from thinkless.kernels.degrpo_loss import KL_TYPES  # the kernels' own list (here: imported when checking)
-
-    choices = {
-        "algo.kl_type": (a.kl_type, KL_TYPES),
-        "algo.loss_agg": (a.loss_agg, ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")),
-        "data.instruction_position": (config.data.instruction_position, ("after", "before", "none")),
-        "data.answer_format": (config.data.answer_format, ("auto", "plain", "gsm8k", "boxed")),
-        "eval.force_mode": (config.eval.force_mode, ("", "short", "think")),
-        "eval.scoring": (config.eval.scoring, ("rl", "authors")),
-        "distill.format": (config.distill.format, ("jsonl", "parquet")),
-        "rollout.engine": (r.engine, ("hf", "vllm")),
-        "algo.lr_scheduler": (a.lr_scheduler, ("constant", "cosine", "linear")),
-        "trainer.report_to": (t.report_to, ("none", "tensorboard", "wandb")),
-        "model.dtype": (config.model.dtype, ("auto", "bfloat16", "float16", "float32")),
-        "model.attn_implementation": (config.model.attn_implementation, ("auto", "sdpa", "eager", "flash_attention_2")),
-    }
     if r.engine == "vllm" and not 0.01 <= r.temperature <= 2.0:  # vLLM raises lower ones to 0.01, refuses > 2
         raise ConfigError(f"rollout.temperature must be in [0.01, 2] with rollout.engine=vllm, got {r.temperature!r}")
-    for name, (value, options) in choices.items():
-        if value not in options:
-            raise ConfigError(f"{name} must be one of {', '.join(options)}, got {value!r}")
     if bool(config.data.filter_key) != bool(config.data.filter_values):
         raise ConfigError(
             "data.filter_key and data.filter_values go together, e.g. data.filter_key=type data.filter_values=[Algebra]"
         )
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"trainer.device must be auto, cpu, cuda or cuda:<index>, got {t.device!r}")
+
+
+def _check_rule(name: str, value, rule) -> None:
+    if "low" in rule and value < rule["low"]:
+        raise ConfigError(f"{name} must be >= {rule['low']}, got {value!r}")
+    if "above" in rule and value <= rule["above"]:
+        raise ConfigError(f"{name} must be > {rule['above']}, got {value!r}")
+    if "unit" in rule and not 0 < value <= 1:
+        raise ConfigError(f"{name} must be in (0, 1], got {value!r}")
+    if "choices" in rule and value not in rule["choices"]:
+        raise ConfigError(f"{name} must be one of {', '.join(rule['choices'])}, got {value!r}")
 
 
 def describe(defaults: dict | None = None) -> str:

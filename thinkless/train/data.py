@@ -31,8 +31,14 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from thinkless.train.rewards import THINK, last_boxed, mode_of_text
+from thinkless.modes import THINK, mode_of_text
+from thinkless.train.rewards import last_boxed
+
+if TYPE_CHECKING:
+    from thinkless.train.config import Config
+
 
 FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # The columns an `auto` key tries, in order: DeepScaleR / MATH first, then GSM8K's question, MATH's solution.
@@ -305,7 +311,7 @@ def read_problem_texts(files: list[str], data, what: str) -> list[tuple[str, str
     return out
 
 
-def load_problems(files: list[str], tokenizer, config, what: str = "data.train_files") -> list[Example]:
+def load_problems(files: list[str], tokenizer, config: Config, what: str = "data.train_files") -> list[Example]:
     """RL / eval examples from `config.data` (problem_key, answer_key, answer_format, filter, instruction)."""
     data = config.data
     return [
@@ -347,7 +353,7 @@ def sft_example_of_row(row: dict, where: str, source: str, tokenizer, data) -> E
     return Example(prompt=prompt, response=response.lstrip(), source=source)
 
 
-def load_sft(files: list[str], tokenizer, config) -> list[Example]:
+def load_sft(files: list[str], tokenizer, config: Config) -> list[Example]:
     """Warm-up examples: a prompt and a response that opens with `<short>` or `<think>`."""
     data = config.data
     out = []

@@ -23,10 +23,16 @@ depend on the sequence length and no sliding window in reach. `unsupported(model
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from thinkless.train.config import RolloutConfig
+
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -116,11 +122,13 @@ _FAILED: set[str] = set()
 _EAGER: set[tuple] = set()  # (step function, mask shape): shapes past the recompile limit, run eagerly
 # Train, validation and evaluation batches (and prompt widths) give a handful of shapes; each compiles once.
 RECOMPILE_LIMIT = 32
+# decode_step and sample_step open with the same parameters; the mask [S, C] among them fixes every shape of a step.
+MASK_ARG = list(inspect.signature(decode_step).parameters).index("mask")
 
 
 def _run(compile: bool, device: torch.device, fn, *args):
     """`fn` (sample_step or decode_step), compiled when asked and when it compiles here (else eager, warned once)."""
-    shape = (fn, tuple(args[5].shape))  # the mask [S, C] fixes every shape of the step
+    shape = (fn, tuple(args[MASK_ARG].shape))
     if not compile or device.type in _FAILED or shape in _EAGER:
         return fn(*args)
     from torch._dynamo import config
@@ -166,7 +174,9 @@ def cache_width(prompt: int, response: int) -> int:
 
 
 @torch.no_grad()
-def sample(model, input_ids, attention_mask, stops: list[int], pad_id: int, rollout, compile: bool = True):
+def sample(
+    model, input_ids, attention_mask, stops: list[int], pad_id: int, rollout: RolloutConfig, compile: bool = True
+):
     """`rollout.n` samples of each left-padded prompt row ([B, P]): (generated [S, R], log-probs [S, R]) with S = B n,
     the rows of a prompt adjacent, R <= rollout.max_new_tokens (it stops early when every row has stopped)."""
     n, R = rollout.n, rollout.max_new_tokens

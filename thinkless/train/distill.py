@@ -51,6 +51,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -81,6 +82,10 @@ from thinkless.train.distill_teacher import (
 )
 from thinkless.train.model import resolve_device, resolve_dtype
 
+if TYPE_CHECKING:
+    from thinkless.train.config import Config
+
+
 SEED_STRIDE = 1_000_003  # shard k of side s samples from seed + s * SEED_STRIDE**2 + k * SEED_STRIDE (+ request)
 _PART = re.compile(r"^part-(\d+)\.(jsonl|parquet)$")
 
@@ -88,7 +93,7 @@ _PART = re.compile(r"^part-(\d+)\.(jsonl|parquet)$")
 # -- problems -------------------------------------------------------------------------------------------------
 
 
-def gather_problems(config) -> tuple[list[Problem], dict]:
+def gather_problems(config: Config) -> tuple[list[Problem], dict]:
     """The problems to distill, in file order: deduplicated, decontaminated, `distill.limit`; and their counts."""
     unanswered: list[str] = []
     read = read_problems(config.data.train_files, config.data, unanswered=unanswered)
@@ -140,7 +145,7 @@ IDENTITY = ("model", "template_args", "n", "temperature", "top_p", "max_tokens",
             "mtime_ns", "think_problem_key", "think_response_key")  # fmt: skip
 
 
-def side_settings(side: str, config, device: torch.device, generating: bool) -> dict:
+def side_settings(side: str, config: Config, device: torch.device, generating: bool) -> dict:
     """What a side's samples depend on: samples made with other settings are not this run's. The IDENTITY keys
     need nothing loaded; `generating` adds the template's digest, dtype and device (and checks the model's context
     length), which only samples still to be drawn depend on."""
@@ -173,7 +178,7 @@ def side_settings(side: str, config, device: torch.device, generating: bool) -> 
     return settings
 
 
-def _check(config) -> None:
+def _check(config: Config) -> None:
     """Settings that need nothing loaded, checked before anything is read or written."""
     from thinkless.train.model import check_model_path
     from thinkless.train.run import resolve_model_path
@@ -197,7 +202,7 @@ def _check(config) -> None:
         check_model_path(resolve_model_path(config.model.path))
 
 
-def _device(config) -> torch.device:
+def _device(config: Config) -> torch.device:
     """This process's device: each process of a launcher (LOCAL_RANK) its own GPU, seen as the only one (a vLLM
     engine of one process uses the first visible GPU)."""
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -214,7 +219,7 @@ def _device(config) -> torch.device:
 # -- the run ------------------------------------------------------------------------------------------------------
 
 
-def run_distill(config) -> dict | None:
+def run_distill(config: Config) -> dict | None:
     """Generate what is missing, then (the last process to finish) the hybrid file and the report."""
     from thinkless.train.run import check_output_dir
 
@@ -255,7 +260,7 @@ def run_distill(config) -> dict | None:
     return finish(config, out, shards, digests, stores, counts)
 
 
-def generate_side(config, side, s, stores, shards, digests, todo, think_file, device, rank) -> None:
+def generate_side(config: Config, side, s, stores, shards, digests, todo, think_file, device, rank) -> None:
     """Sample and judge `side` for the shards in `todo`, writing each as it is done (and, on the short side, its
     SFT rows). Problems answered in shards of another problem list are taken from there, not sampled again."""
     store = stores[side]
@@ -298,7 +303,7 @@ def generate_side(config, side, s, stores, shards, digests, todo, think_file, de
             teacher.close()
 
 
-def finish(config, out: Path, shards: list, digests: list, stores: dict, counts: dict) -> dict | None:
+def finish(config: Config, out: Path, shards: list, digests: list, stores: dict, counts: dict) -> dict | None:
     """Once every shard of both sides is done: the SFT row shards, the hybrid file and the report, streamed from
     the samples alone (so that any process, or a rerun with other keep settings, rebuilds the same). None while some
     shard is not done."""

@@ -12,16 +12,21 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from thinkless.modes import mode_of_text
 from thinkless.train.distill_store import SIDES
 from thinkless.train.distill_teacher import VERDICTS
 from thinkless.train.files import write_atomic, write_text
-from thinkless.train.rewards import mode_of_text
+
+if TYPE_CHECKING:
+    from thinkless.train.config import Config
+
 
 LENGTH_SAMPLE = 20_000  # kept rows per mode whose tokens are counted: evenly spaced over the file, all when fewer
 
 
-def _length_tokenizer(config):
+def _length_tokenizer(config: Config):
     """`model.path`'s tokenizer (with the control tokens, as `sft` counts), else the short model's own."""
     from thinkless.train.run import resolve_model_path
 
@@ -53,7 +58,7 @@ class Tally:
     2 x LENGTH_SAMPLE every other one is dropped and the stride doubles, so the sample stays evenly spread over the
     file, the same on every run."""
 
-    def __init__(self, config, cap: int = LENGTH_SAMPLE):
+    def __init__(self, config: Config, cap: int = LENGTH_SAMPLE):
         self.config, self.cap = config, cap
         self.tokenizer_path, self.tokenizer = _length_tokenizer(config)
         self.student = bool(config.model.path)  # its prompt is known: lengths compare with data.max_length

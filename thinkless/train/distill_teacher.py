@@ -17,13 +17,20 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
 
+from thinkless.modes import SHORT, THINK, THINK_END, mode_of_text
 from thinkless.train.config import ConfigError
 from thinkless.train.data import DataError, Problem, iter_rows, user_turn
-from thinkless.train.rewards import SHORT, THINK, THINK_END, mode_of_text, score
+from thinkless.train.model import decode_text
+from thinkless.train.rewards import score
+
+if TYPE_CHECKING:
+    from thinkless.train.config import Config
+
 
 # OpenThoughts-114k (Bespoke-Stratos) marks its thinking and its solution with these.
 THOUGHT_TAGS = {"<|begin_of_thought|>": THINK, "<|end_of_thought|>": THINK_END}
@@ -130,7 +137,7 @@ def _trace_rows(path: str):
             yield file, i, row
 
 
-def read_think_file(path: str, config, wanted: set[str] | None = None) -> tuple[dict[str, list[str]], int]:
+def read_think_file(path: str, config: Config, wanted: set[str] | None = None) -> tuple[dict[str, list[str]], int]:
     """problem key (`trace_problem_key`) -> the file's long responses to it, in file order, normalised
     (`think_response`), for the problems in `wanted` (all when None); and how many problems the file holds (a glob
     pattern: the files it matches, in name order). Rows are read one by one: a
@@ -165,7 +172,7 @@ def read_think_file(path: str, config, wanted: set[str] | None = None) -> tuple[
 # -- teachers ---------------------------------------------------------------------------------------------------
 
 
-def template_args(config, side: str) -> dict:
+def template_args(config: Config, side: str) -> dict:
     """`distill.{side}_template_args` ([key=value, ...]) as the chat template's keyword arguments."""
     out = {}
     for item in getattr(config.distill, f"{side}_template_args"):
@@ -180,7 +187,7 @@ def template_args(config, side: str) -> dict:
     return out
 
 
-def teacher_path(config, side: str) -> str:
+def teacher_path(config: Config, side: str) -> str:
     """`distill.{side}_model` as a local folder or hub id (a .gguf converted), checked, errors naming the key."""
     from thinkless.train.model import ModelError, check_model_path
     from thinkless.train.run import resolve_model_path
@@ -195,7 +202,7 @@ def teacher_path(config, side: str) -> str:
     return path
 
 
-def check_context(path: str, config, side: str) -> None:
+def check_context(path: str, config: Config, side: str) -> None:
     """data.max_prompt_tokens + distill.{side}_max_tokens must fit the model's positions (vLLM refuses a longer
     max_model_len; HF would generate past what the model was trained on)."""
     from transformers import AutoConfig
@@ -237,21 +244,19 @@ def teacher_prompt(tokenizer, problem: str, data, args: dict | None = None) -> t
 
 
 def decode_response(tokenizer, tokens: list[int], stops: list[int]) -> tuple[str, bool]:
-    """The text of generated tokens without their stop token, and whether they ended with one. Special tokens are
-    left out, except the think tags (a tokenizer may mark them special)."""
+    """The text of generated tokens without their stop token (`model.decode_text`: special tokens left out, the
+    think tags kept), and whether they ended with one."""
     stopped = bool(tokens) and tokens[-1] in stops
     if stopped:
         tokens = tokens[:-1]
-    keep = {tokenizer.convert_tokens_to_ids(t) for t in (THINK, THINK_END)}
-    special = set(tokenizer.all_special_ids) - keep
-    return tokenizer.decode([t for t in tokens if t not in special], skip_special_tokens=False), stopped
+    return decode_text(tokenizer, tokens), stopped
 
 
 class Teacher:
     """One generating model on one engine. `sample(problems, positions, seed)` gives each problem's
     [(response, stopped)], or None for a problem whose prompt is longer than `data.max_prompt_tokens`."""
 
-    def __init__(self, side: str, config, device: torch.device):
+    def __init__(self, side: str, config: Config, device: torch.device):
         from thinkless.train.model import load_model
         from thinkless.train.rollout import stop_token_ids
 

@@ -49,18 +49,22 @@ import dataclasses
 import json
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from thinkless.modes import HEADLINE, MODES, mode_statistics
 from thinkless.train.checkpoint import rng_state, set_rng_state
 from thinkless.train.data import DataError, load_problems
 from thinkless.train.dist import Dist
 from thinkless.train.files import write_text
 from thinkless.train.model import load_tokenizer
-from thinkless.train.rewards import SHORT, THINK, eval_correct, score
+from thinkless.train.rewards import eval_correct, score
 from thinkless.train.rollout import generate
 from thinkless.train.run import resolve_model_path, seed_everything, start_run
 
-FORCED = {"short": SHORT, "think": THINK}
-HEADLINE = ("accuracy", "think_ratio", "mean_tokens")
+if TYPE_CHECKING:
+    from thinkless.train.config import Config, RolloutConfig
+
+
 RANK_STRIDE = 100_003  # rank r samples with seed + r * RANK_STRIDE: ranks draw different numbers, rank 0 the seed
 
 
@@ -74,7 +78,7 @@ def _record(prompt_tokens: int, **info) -> dict:
     return {**info, "prompt_tokens": prompt_tokens, "modes": [], "correct": [], "tokens": []}
 
 
-def _engine_generate(engine, model, tokenizer, prompts: list[str], rollout):
+def _engine_generate(engine, model, tokenizer, prompts: list[str], rollout: RolloutConfig):
     """vLLM samples `engine.rollout.n` per prompt: the evaluation's n for this call."""
     saved, engine.rollout = engine.rollout, rollout
     try:
@@ -84,7 +88,7 @@ def _engine_generate(engine, model, tokenizer, prompts: list[str], rollout):
 
 
 def _sample(
-    model, tokenizer, examples: list, config, n: int, force_mode: str, engine=None, d: Dist | None = None,
+    model, tokenizer, examples: list, config: Config, n: int, force_mode: str, engine=None, d: Dist | None = None,
     filler: str = "",
 ) -> list[dict]:  # fmt: skip
     """n samples of each example: per problem, its prompt tokens and each sample's mode, correctness and tokens.
@@ -92,7 +96,7 @@ def _sample(
     The vLLM engine syncs the sharded policy (a collective) in every `generate`, so under torchrun each rank makes
     as many calls as the busiest one: a rank with fewer (or no) problems samples `filler` and drops the result."""
     rollout = dataclasses.replace(config.rollout, n=n)
-    token = FORCED.get(force_mode, "")
+    token = MODES.get(force_mode, "")
     judge = config.eval.scoring
     out = []
     step = max(1, config.trainer.batch_size)
@@ -124,20 +128,9 @@ def _sample(
 
 
 def figures(samples: list[tuple[str | None, bool, float]]) -> dict:
-    """Today's report keys from (mode, correct, tokens) samples; a mode without samples gives None."""
-    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    of = lambda m, k: mean([s[k] for s in samples if s[0] == m])  # noqa: E731
-    return {
-        "n": len(samples),
-        "accuracy": mean([float(s[1]) for s in samples]) or 0.0,
-        "think_ratio": mean([float(s[0] == "think") for s in samples]) or 0.0,
-        "mean_tokens": mean([float(s[2]) for s in samples]) or 0.0,
-        "accuracy_short": of("short", 1),
-        "accuracy_think": of("think", 1),
-        "mean_tokens_short": of("short", 2),
-        "mean_tokens_think": of("think", 2),
-        "format_errors": sum(s[0] is None for s in samples),
-    }
+    """The report's figures of (mode, correct, tokens) samples: n and `modes.mode_statistics`."""
+    modes, correct, tokens = (list(x) for x in zip(*samples, strict=True)) if samples else ([], [], [])
+    return {"n": len(samples), **mode_statistics(modes, correct, tokens)}
 
 
 def summarize(file: str, problems: list[dict], seeds: list[int], n: int, force_mode: str, count_prompt: bool) -> dict:
@@ -164,7 +157,7 @@ def summarize(file: str, problems: list[dict], seeds: list[int], n: int, force_m
 
 
 def evaluate_examples(
-    model, tokenizer, file: str, examples: list, config, *, seeds: list[int], n: int, force_mode: str = "",
+    model, tokenizer, file: str, examples: list, config: Config, *, seeds: list[int], n: int, force_mode: str = "",
     count_prompt: bool = False, d: Dist | None = None, engine=None, reseed: bool = True,
 ) -> dict:  # fmt: skip
     """One file's report: a pass per seed, each rank sampling its share of the problems, gathered in order.
@@ -187,7 +180,7 @@ def evaluate_examples(
     return summarize(file, problems, seeds, n, force_mode, count_prompt)
 
 
-def evaluate_file(run, file: str, examples: list, config) -> dict:
+def evaluate_file(run, file: str, examples: list, config: Config) -> dict:
     """One file's report with the `eval.*` settings (seeds, force_mode, count_prompt_tokens) and `rollout.n`.
     No `eval.seeds`: one pass labelled `trainer.seed`, from the stream `start_run` seeded with it (as before seeds
     existed, so the demo's published numbers stand; the files then share one stream)."""
@@ -233,13 +226,13 @@ def format_table(rows: list[tuple[str, str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-MODES = {"model": "", "short": "short", "think": "think", "oracle": "oracle"}  # table label -> subfolder
+FOLDERS = {"model": "", "short": "short", "think": "think", "oracle": "oracle"}  # table label -> subfolder
 
 
 def folder_reports(eval_dir: Path) -> list[tuple[str, str, dict]]:
     """Every report in an eval folder, by file then mode (the model's choice, short, think, oracle)."""
     rows = []
-    for mode, sub in MODES.items():
+    for mode, sub in FOLDERS.items():
         for path in sorted((eval_dir / sub).glob("*.json")):
             try:
                 report = json.loads(path.read_text())
@@ -248,11 +241,11 @@ def folder_reports(eval_dir: Path) -> list[tuple[str, str, dict]]:
                 continue
             if isinstance(report, dict) and all(k in report for k in (*HEADLINE, "n")):
                 rows.append((path.stem, mode, report))
-    order = list(MODES)
+    order = list(FOLDERS)
     return sorted(rows, key=lambda r: (r[0], order.index(r[1])))
 
 
-def run_eval(config) -> list[dict]:
+def run_eval(config: Config) -> list[dict]:
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
     # Every file is read and checked once, before the model generates anything.
     if not config.data.val_files:
@@ -299,7 +292,7 @@ def _oracles(out: Path, names: list[str], count_prompt: bool) -> list[tuple[str,
     return rows
 
 
-def validation_examples(config, tokenizer) -> dict[str, list]:
+def validation_examples(config: Config, tokenizer) -> dict[str, list]:
     """The examples of `trainer.val_files`, read and checked (call it before training, so a bad row stops the run
     early). Prompts longer than `data.max_prompt_tokens` are dropped, with a count, as RL drops training prompts."""
     limit, out = config.data.max_prompt_tokens, {}
@@ -315,7 +308,7 @@ def validation_examples(config, tokenizer) -> dict[str, list]:
     return out
 
 
-def validate(run, config, step: int, *, examples: dict | None = None, engine=None) -> dict:
+def validate(run, config: Config, step: int, *, examples: dict | None = None, engine=None) -> dict:
     """Validation during RL: each file of `trainer.val_files`, `trainer.val_n` samples per problem, the model
     choosing its mode; writes `<output_dir>/eval/step-<step>/<name>.json` (rank 0) and returns
     {"val/<name>/accuracy", "val/<name>/think_ratio", "val/<name>/mean_tokens"} (response tokens, as the RL metrics).

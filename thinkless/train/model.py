@@ -16,12 +16,14 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from thinkless.train.rewards import SHORT, THINK, THINK_END
+from thinkless.modes import ADDED_TOKENS
 
-CONTROL_TOKENS = (SHORT, THINK, THINK_END)
+if TYPE_CHECKING:
+    from thinkless.train.config import Config
 
 
 class ModelError(ValueError):
@@ -68,10 +70,10 @@ def load_tokenizer(path: str):
 
     check_model_path(path, "model.path")
     tokenizer = checked_tokenizer(path, "model.path")
-    missing = [t for t in CONTROL_TOKENS if t not in tokenizer.get_vocab()]
+    missing = [t for t in ADDED_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in missing])
-    for token in CONTROL_TOKENS:
+    for token in ADDED_TOKENS:
         ids = tokenizer.encode(token, add_special_tokens=False)
         if len(ids) != 1:
             raise ModelError(f"the tokenizer of {path!r} splits {token!r} into {len(ids)} tokens; it must be one")
@@ -104,10 +106,24 @@ def checked_tokenizer(path: str, what: str):
 
 
 def control_token_ids(tokenizer) -> dict[str, int]:
-    return {token: tokenizer.convert_tokens_to_ids(token) for token in CONTROL_TOKENS}
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in ADDED_TOKENS}
 
 
-def load_model(path: str, tokenizer, config, device: torch.device, *, trainable: bool = True, what="model.path"):
+def decode_text(tokenizer, ids: list[int]) -> str:
+    """The text of generated token ids, by one rule for every model that generates (the policy's rollouts, the
+    distillation teachers): special tokens are left out (eos, pad, a chat template's markers), except the Thinkless
+    tokens (`modes.ADDED_TOKENS`), which a tokenizer may mark special (an R1-style `<think>`) and which the reward
+    reads (`</think>` opens a think answer's solution)."""
+    thinkless = control_token_ids(tokenizer)  # (a teacher's tokenizer may lack some: no id, or the unknown token's)
+    keep = {i for t, i in thinkless.items() if i is not None and tokenizer.convert_ids_to_tokens(i) == t}
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
+    return tokenizer.decode([t for t in ids if t not in special or t in keep], skip_special_tokens=False)
+
+
+def load_model(
+    path: str, tokenizer, config: Config, device: torch.device, *, trainable: bool = True, what="model.path"
+):
     """AutoModelForCausalLM from `path`, embeddings resized to the tokenizer, on `device`, per `config.model`."""
     from transformers import AutoModelForCausalLM
 

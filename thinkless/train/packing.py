@@ -14,8 +14,12 @@ targets, masks, advantages and log-probs; each sequence's first response token i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from thinkless.train.config import AlgoConfig
 
 
 @dataclass
@@ -98,7 +102,7 @@ def token_budget_batches(lengths: list[int], rows: list[int], max_tokens: int) -
     return out
 
 
-def micro_batches(rows: list[int], lengths, algo) -> list[list[int]]:
+def micro_batches(rows: list[int], lengths, algo: AlgoConfig) -> list[list[int]]:
     """The micro-batches of `rows`: `algo.micro_batch_size` each, or with `padding_free` and `micro_batch_tokens`,
     as many as fit that many tokens (`lengths[row]`; dynamic micro-batches: short answers take fewer passes)."""
     if algo.padding_free and algo.micro_batch_tokens > 0:

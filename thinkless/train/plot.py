@@ -8,8 +8,8 @@
 
 Each figure is against the RL step: the raw values faint, a trailing moving average over about a twentieth of the
 run on top (a step holds a few prompts' samples: the raw line is noisy). A step without any sample of a mode has no
-point for that mode (the RL metrics log 0 there, which is no accuracy). Matplotlib's Agg backend: files only, no
-display (servers, CI).
+point for that mode (its figures are None there; runs of thinkless 0.1 logged 0, which is no accuracy). Matplotlib's
+Agg backend: files only, no display (servers, CI).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from thinkless.modes import LEGACY_NAMES, LEGACY_TAG_NAMES
 from thinkless.train.data import DataError
 
 # file -> (y label, y range, [(metric key, legend label, the mode whose samples it needs or None)])
@@ -25,15 +26,15 @@ FIGURES = {
     "accuracy.png": (
         "accuracy",
         (0.0, 1.0),
-        [("acc", "all", None), ("acc_short", "<short>", "short"), ("acc_think", "<think>", "think")],
+        [("accuracy", "all", None), ("accuracy_short", "<short>", "short"), ("accuracy_think", "<think>", "think")],
     ),
     "response_length.png": (
         "response tokens (mean)",
         None,
         [
-            ("response_tokens_mean", "all", None),
-            ("response_tokens_short", "<short>", "short"),
-            ("response_tokens_think", "<think>", "think"),
+            ("mean_tokens", "all", None),
+            ("mean_tokens_short", "<short>", "short"),
+            ("mean_tokens_think", "<think>", "think"),
         ],
     ),
     "reward.png": ("reward (mean)", None, [("reward_mean", "all", None)]),
@@ -78,28 +79,45 @@ def _has_mode(row: dict, mode: str | None) -> bool:
     return ratio > 0 if mode == "think" else ratio < 1
 
 
-def _series(rows: list[dict], key: str, mode: str | None = None) -> tuple[list, list]:
-    points = [(r["step"], float(r[key])) for r in rows if isinstance(r.get(key), (int, float)) and _has_mode(r, mode)]
+def metric(row: dict, key: str) -> float | None:
+    """A row's figure under its `thinkless.modes` name, or under the name thinkless 0.1 gave it (older runs: `acc`
+    for `accuracy`, `response_tokens/<tag>` for `mean_tokens/<tag>`); None when the row has no number for it."""
+    value = row.get(key)
+    if key not in row:  # (a row with the key and None: the step had no sample of the mode, whatever the alias says)
+        name, _, tag = key.partition("/")
+        names = LEGACY_TAG_NAMES if tag else LEGACY_NAMES
+        old = next((o for o, new in names.items() if new == name), None)
+        value = row.get(f"{old}/{tag}" if tag else old) if old else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def series(rows: list[dict], key: str, mode: str | None = None) -> tuple[list, list]:
+    points = [(r["step"], metric(r, key)) for r in rows if metric(r, key) is not None and _has_mode(r, mode)]
     return ([p[0] for p in points], [p[1] for p in points]) if points else ([], [])
 
 
-def _figure(plt, path: Path, title: str, ylabel: str, ylim, lines: list[tuple[str, list, list]]) -> Path:
+def figure(
+    plt, path: Path, title: str, ylabel: str, ylim, lines: list[tuple[str, list, list]], *, colors: list | None = None,
+    legend_title: str | None = None,
+) -> Path:  # fmt: skip
+    """One PNG: each (label, steps, values) line raw and faint, its moving average on top; `colors` one per line
+    (default: matplotlib's tab10 cycle)."""
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    colors = plt.get_cmap("tab10")
+    colors = colors or [plt.get_cmap("tab10")(i % 10) for i in range(len(lines))]
     n = max((len(v) for _, _, v in lines), default=0)
     window = max(1, n // 20)
-    for i, (label, steps, values) in enumerate(lines):
-        ax.plot(steps, values, color=colors(i % 10), alpha=0.25, linewidth=0.8)
+    for (label, steps, values), color in zip(lines, colors, strict=True):
+        ax.plot(steps, values, color=color, alpha=0.25, linewidth=0.8)
         marker = "o" if len(values) <= 30 else None  # a few points (validation, a short run): show each
-        ax.plot(steps, smooth(values, window), color=colors(i % 10), label=label, linewidth=2, marker=marker)
+        ax.plot(steps, smooth(list(values), window), color=color, label=label, linewidth=2, marker=marker)
     ax.set_xlabel("RL step")
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
     ax.set_title(f"{title}: {ylabel}" if title else ylabel, fontsize=10)
     ax.grid(alpha=0.3)
-    if len(lines) > 1:
-        ax.legend(fontsize=8)
+    if len(lines) > 1 or legend_title:
+        ax.legend(title=legend_title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -120,15 +138,15 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     title = Path(run_dir).resolve().name
     written = []
     for file, (ylabel, ylim, keys) in FIGURES.items():
-        lines = [(label, *_series(rows, key, mode)) for key, label, mode in keys]
+        lines = [(label, *series(rows, key, mode)) for key, label, mode in keys]
         if file == "think_ratio.png":  # data.tag_key: one line per tag (e.g. MATH's level)
             tags = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("think_ratio/")})
-            lines += [(tag, *_series(rows, f"think_ratio/{tag}")) for tag in tags]
+            lines += [(tag, *series(rows, f"think_ratio/{tag}")) for tag in tags]
         lines = [line for line in lines if line[1]]
         if lines:
-            written.append(_figure(plt, out / file, title, ylabel, ylim, lines))
+            written.append(figure(plt, out / file, title, ylabel, ylim, lines))
     val = sorted({k for r in every for k in r if k.startswith("val/") and k.endswith(("/accuracy", "/think_ratio"))})
     if val:
-        lines = [(k.removeprefix("val/"), *_series(every, k)) for k in val]
-        written.append(_figure(plt, out / "validation.png", title, "validation", (0.0, 1.0), lines))
+        lines = [(k.removeprefix("val/"), *series(every, k)) for k in val]
+        written.append(figure(plt, out / "validation.png", title, "validation", (0.0, 1.0), lines))
     return written

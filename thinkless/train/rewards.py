@@ -35,9 +35,12 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-SHORT, THINK, THINK_END = "<short>", "<think>", "</think>"
-CONTROL_TOKENS = (SHORT, THINK)
+from thinkless.modes import THINK_END
+
+if TYPE_CHECKING:
+    from thinkless.train.config import RewardsConfig
 
 
 @dataclass(frozen=True)
@@ -88,21 +91,6 @@ def check_answer(predicted: str, reference: str) -> bool:
     return normalize(predicted) == normalize(reference)
 
 
-def mode_of_text(response: str) -> str | None:
-    """The mode a response's text opens with: "short", "think", or None."""
-    head = response.lstrip()
-    if head.startswith(SHORT):
-        return "short"
-    if head.startswith(THINK):
-        return "think"
-    return None
-
-
-def mode_of_token(first_token: int, short_id: int, think_id: int) -> str | None:
-    """The mode from the first generated token id, as the policy chose it."""
-    return "short" if first_token == short_id else "think" if first_token == think_id else None
-
-
 def solution_text(response: str, mode: str | None) -> str | None:
     """The part of a response its answer is read from; None when there is none, a format error.
 
@@ -119,7 +107,7 @@ def solution_text(response: str, mode: str | None) -> str | None:
     return None
 
 
-def score(response: str, reference: str, mode: str | None, table) -> Score:
+def score(response: str, reference: str, mode: str | None, table: RewardsConfig) -> Score:
     """The reward of one response; `table` has correct_short, correct_think, wrong, format_error (RewardsConfig).
 
     `mode` is the policy's first token ("short", "think" or None); `response` may include it or not.

@@ -7,12 +7,16 @@ tokens up to and including the first EOS), the mode chosen by the first generate
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from thinkless.modes import SHORT, THINK, mode_of_token
 from thinkless.train import decode
-from thinkless.train.model import control_token_ids
-from thinkless.train.rewards import SHORT, THINK, mode_of_token
+from thinkless.train.model import control_token_ids, decode_text
+
+if TYPE_CHECKING:
+    from thinkless.train.config import RolloutConfig
 
 
 @dataclass
@@ -105,7 +109,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
+def generate(model, tokenizer, prompts: list[str], rollout: RolloutConfig) -> Rollouts:
     """`rollout.n` samples for each prompt, by `rollout.temperature`, `top_p`, `max_new_tokens`: with
     `rollout.compile` by the static-cache decoder (`thinkless.train.decode`) where the model allows it, else by
     Hugging Face `generate`."""
@@ -139,7 +143,7 @@ def generate(model, tokenizer, prompts: list[str], rollout) -> Rollouts:
     return assemble(prompt_ids, prompt_attention, generated, response, picked, tokenizer, rollout.n)
 
 
-def _hf_generate(model, tokenizer, enc, stops: list[int], rollout) -> tuple[torch.Tensor, torch.Tensor]:
+def _hf_generate(model, tokenizer, enc, stops: list[int], rollout: RolloutConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The generated tokens [S, R] and the log-prob of each under the distribution it was drawn from, by HF
     `generate`."""
     # Plain temperature (and top_p) sampling, the distribution the loss's log-probs assume: the model's own
@@ -183,9 +187,7 @@ def assemble(prompt_ids, prompt_attention, generated, response, logp, tokenizer,
     P = prompt_ids.shape[1]
     ids = control_token_ids(tokenizer)
     modes = [mode_of_token(int(t), ids[SHORT], ids[THINK]) for t in generated[:, 0]]
-    texts = [
-        tokenizer.decode(row[mask], skip_special_tokens=True) for row, mask in zip(generated, response, strict=True)
-    ]
+    texts = [decode_text(tokenizer, row[mask].tolist()) for row, mask in zip(generated, response, strict=True)]
     return Rollouts(
         input_ids=torch.cat((prompt_ids, generated), dim=1),
         attention_mask=torch.cat((prompt_attention, response.long()), dim=1),

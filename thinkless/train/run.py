@@ -14,6 +14,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from thinkless.train.gguf import GGUFError, convert_gguf, is_gguf
 from thinkless.train.metrics import MetricsLog, NullLog
 from thinkless.train.model import ModelError, load_model, load_tokenizer, resolve_device
 from thinkless.train.preemption import Preemption
+
+if TYPE_CHECKING:
+    from thinkless.train.config import AlgoConfig, Config
 
 
 def resolve_model_path(path: str) -> str:
@@ -173,16 +177,17 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
-def start_run(config, stage: str, *, train: bool = True) -> Run:
+def start_run(config: Config, stage: str, *, train: bool = True) -> Run:
     """The model (from the latest checkpoint in output_dir, else model.path), optimizer, scheduler and step."""
     d = init_distributed(config.trainer.device)
     device = resolve_device(config.trainer.device)
     if d.world > 1 and device.type == "cuda":
         device = torch.device("cuda", d.local_rank)
     output_dir = Path(config.trainer.output_dir)
-    if train:
-        check_output_dir(config, stage)
-    checkpoint = latest_checkpoint(output_dir) if train else None
+    checkpoint = resume_point(output_dir, d) if train else None
+    state = load_state(checkpoint) if checkpoint is not None else None  # read once: the optimizer is in it
+    if state is not None:
+        check_stage(config, stage, checkpoint, state.get("stage", stage))
     source = str(checkpoint) if checkpoint is not None else resolve_model_path(config.model.path)
     seed_everything(config.trainer.seed)
     tokenizer = load_tokenizer(source)
@@ -201,8 +206,7 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(algo, planned_updates(config, stage)))
         rng, step = None, 0
-        if checkpoint is not None:
-            state = load_state(checkpoint)
+        if state is not None:
             load_optimizer_state(model, optimizer, state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             _apply_configured_rates(optimizer, scheduler, algo, d.is_main)
@@ -222,7 +226,7 @@ def start_run(config, stage: str, *, train: bool = True) -> Run:
                optimizer=None, scheduler=None, step=0, metrics=None, dist=d)  # fmt: skip
 
 
-def _apply_configured_rates(optimizer, scheduler, algo, report: bool) -> None:
+def _apply_configured_rates(optimizer, scheduler, algo: AlgoConfig, report: bool) -> None:
     """The resumed run's algo.lr, weight_decay and betas, not the checkpoint's: the optimizer state and the
     scheduler bring back the rates the run started with, and a changed setting would be silently ignored. The
     schedule's position (its update count) is kept; the factor of that position is applied to the new base rate."""
@@ -236,7 +240,7 @@ def _apply_configured_rates(optimizer, scheduler, algo, report: bool) -> None:
     scheduler.base_lrs = [algo.lr] * len(optimizer.param_groups)
 
 
-def planned_updates(config, stage: str) -> int:
+def planned_updates(config: Config, stage: str) -> int:
     """Optimizer updates of the whole run (SFT: one per step; RL: ppo_epochs x mini-batches per step)."""
     t, a = config.trainer, config.algo
     if stage != "rl":
@@ -245,7 +249,7 @@ def planned_updates(config, stage: str) -> int:
     return t.total_steps * a.ppo_epochs * minis
 
 
-def lr_lambda(algo, total: int):
+def lr_lambda(algo: AlgoConfig, total: int):
     """The learning-rate factor of update `s` (0-based): linear warmup, then constant, cosine or linear decay to 0
     at the run's last planned update."""
     warmup = max(0, algo.warmup_steps)
@@ -263,14 +267,22 @@ def lr_lambda(algo, total: int):
     return factor
 
 
-def check_output_dir(config, stage: str) -> None:
+def resume_point(output_dir: Path, d: Dist) -> Path | None:
+    """The checkpoint a run resumes from: the newest whose files match their manifest. Rank 0 alone reads them (a
+    CRC over every byte: gigabytes for a real model, once) and every rank resumes from the one it found."""
+    found = latest_checkpoint(output_dir) if d.is_main else None
+    return d.gather(found)[0] if d.world > 1 else found
+
+
+def check_output_dir(config: Config, stage: str) -> None:
     """A run folder belongs to one stage: resuming an SFT run as RL (or the reverse) would mix their optimizers."""
-    with warnings.catch_warnings():  # start_run verifies (and warns about damage) once more, when it resumes
-        warnings.simplefilter("ignore")
-        checkpoint = latest_checkpoint(config.trainer.output_dir)
-    if checkpoint is None:
-        return
-    found = load_state(checkpoint).get("stage", stage)
+    checkpoint = latest_checkpoint(config.trainer.output_dir)
+    if checkpoint is not None:
+        check_stage(config, stage, checkpoint, load_state(checkpoint).get("stage", stage))
+
+
+def check_stage(config: Config, stage: str, checkpoint: Path, found: str) -> None:
+    """The ConfigError of a checkpoint that stage `found` wrote, when it is not this one (`check_output_dir`)."""
     if found != stage:
         raise ConfigError(
             f"trainer.output_dir={config.trainer.output_dir!r} holds a {found} run ({checkpoint.name}); "

@@ -11,6 +11,7 @@ chain of thought never materialises its [tokens x vocab] logits.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
@@ -20,6 +21,9 @@ from thinkless.train.data import DataError, Example, load_sft
 from thinkless.train.model import hidden_states, lm_head, load_tokenizer
 from thinkless.train.packing import micro_batches, pack
 from thinkless.train.run import Run, batch_indices, resolve_model_path, start_run
+
+if TYPE_CHECKING:
+    from thinkless.train.config import AlgoConfig, Config
 
 
 def encode(tokenizer, example: Example, max_length: int) -> tuple[list[int], list[bool]]:
@@ -53,13 +57,13 @@ def sft_loss(
     return fused_linear_cross_entropy(hidden, weight, ids[:, 1:], counted[:, 1:], bias=bias)
 
 
-def sft_micro_batches(batch: list, algo) -> list[list]:
+def sft_micro_batches(batch: list, algo: AlgoConfig) -> list[list]:
     """The micro-batches of these encoded examples (`thinkless.train.packing.micro_batches`, lengths in tokens)."""
     rows = micro_batches(list(range(len(batch))), [len(ids) for ids, _ in batch], algo)
     return [[batch[i] for i in r] for r in rows]
 
 
-def run_sft(config) -> Run:
+def run_sft(config: Config) -> Run:
     # Data first: a bad row must stop the run before any model is loaded.
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
     examples = load_sft(config.data.train_files, tokenizer, config)

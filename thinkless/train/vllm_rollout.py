@@ -25,12 +25,16 @@ from __future__ import annotations
 import gc
 import math
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from thinkless.train.config import ConfigError
 from thinkless.train.dist import full_model_state
 from thinkless.train.rollout import Rollouts, assemble, stop_token_ids
+
+if TYPE_CHECKING:
+    from thinkless.train.config import RolloutConfig
 
 
 class VLLMRollout:
@@ -86,8 +90,8 @@ class VLLMRollout:
 
 
 def start_engine(
-    model_path: str, rollout, *, dtype: str, max_model_len: int, seed: int, world: int = 1, report: bool = True,
-    sleep: bool | None = None, in_process: bool = True,
+    model_path: str, rollout: RolloutConfig, *, dtype: str, max_model_len: int, seed: int, world: int = 1,
+    report: bool = True, sleep: bool | None = None, in_process: bool = True,
 ):  # fmt: skip
     """A vLLM `LLM` for `model_path` in this process (one rank) or beside the other ranks (torchrun), by the
     `rollout` settings; and whether it may sleep (`rollout.vllm_sleep`, where the platform allows it).
@@ -116,7 +120,9 @@ def start_engine(
     return llm, sleeps
 
 
-def sample(llm, tokenizer, prompts: list[str], rollout, stops: list[int], device, seeds: list[int] | None = None):
+def sample(
+    llm, tokenizer, prompts: list[str], rollout: RolloutConfig, stops: list[int], device, seeds: list[int] | None = None
+):
     """`rollout.n` samples per prompt from the engine's current weights, as Rollouts. `seeds`: one per prompt,
     each request sampled from its own seeded stream (the same samples whatever else is in the batch)."""
     from vllm import SamplingParams

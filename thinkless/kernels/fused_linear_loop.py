@@ -1,22 +1,25 @@
 """The chunk loop of the fused linear loss: per-token gradients, chunking, and the two shapes of the row work.
 
-`fused_linear.py` holds the row kernels, the autograd.Function and the public functions; this module walks the
-rows in chunks (see that module's docstring for the method) and calls a backend's row kernels (`_RowOps`: Triton
-on CUDA, the native extension on CPU) or does the row work in torch ops (`_run_torch`).
+`fused_linear.py` holds the autograd.Function and the public functions; this module walks the rows in chunks (see
+that module's docstring for the method) and calls a backend's row kernels (`fused_linear_rows.ROW_OPS`: Triton on
+CUDA, the native extension on CPU) or does the row work in torch ops (`_run_torch`).
 """
 
 from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
 from thinkless.kernels._config import CHUNK_BYTES_CPU, CHUNK_BYTES_CUDA
-from thinkless.kernels.degrpo_loss import KL_TYPES, DeGRPOParams, _backward_triton, _compute_dtype
+from thinkless.kernels._tensors import compute_dtype
+from thinkless.kernels._triton_utils import triton_dtype
+from thinkless.kernels.degrpo_triton import backward_triton
+from thinkless.kernels.degrpo_weights import KL_TYPES, DeGRPOParams
+from thinkless.kernels.fused_linear_rows import ROW_OPS, RowOps
 
 # ----------------------------------------------------------------------------------------------------------------
 # Per-token gradient of the DeGRPO loss
@@ -24,7 +27,7 @@ from thinkless.kernels.degrpo_loss import KL_TYPES, DeGRPOParams, _backward_trit
 
 
 @dataclass
-class _Tokens:
+class Tokens:
     """The per-token constants of the loss, flat [N] in chunk order, and the loss weights from the normalisers."""
 
     old: Tensor | None  # None: on-policy, the old log-probs are the chunk's own (detached): ratio exactly 1
@@ -37,9 +40,9 @@ class _Tokens:
     params: DeGRPOParams
     entropy_weight: float = 0.0  # dL/d(entropy) of a response token: -entropy_coef / response tokens
 
-    def slice(self, s: int, e: int) -> _Tokens:
+    def slice(self, s: int, e: int) -> Tokens:
         cut = lambda x: x[s:e] if x is not None else None
-        return _Tokens(
+        return Tokens(
             cut(self.old), cut(self.adv), cut(self.resp), cut(self.ctrl), cut(self.ref), cut(self.tw), self.weights,
             self.params, self.entropy_weight,
         )  # fmt: skip
@@ -51,20 +54,20 @@ class _Tokens:
 
 
 @dataclass
-class _CrossEntropyTokens:
+class CrossEntropyTokens:
     """The token-mean cross-entropy -sum(logp) / n of SFT: every row with a gradient is a target token."""
 
     weight: float  # 1 / n
     entropy_weight: float = 0.0
 
-    def slice(self, s: int, e: int) -> _CrossEntropyTokens:
+    def slice(self, s: int, e: int) -> CrossEntropyTokens:
         return self
 
     def grad(self, logp: Tensor, backend: str) -> Tensor:
         return torch.full_like(logp, -self.weight)
 
 
-def _token_grad_torch(logp: Tensor, tok: _Tokens) -> Tensor:
+def _token_grad_torch(logp: Tensor, tok: Tokens) -> Tensor:
     """dL/dlogp of each token, the closed form of the reference loss's autograd (ties as torch.maximum gives)."""
     p = tok.params
     ratio = torch.exp(logp - tok.old)
@@ -86,7 +89,7 @@ def _token_grad_torch(logp: Tensor, tok: _Tokens) -> Tensor:
     return g
 
 
-def _token_grad_triton(logp: Tensor, tok: _Tokens) -> Tensor:
+def _token_grad_triton(logp: Tensor, tok: Tokens) -> Tensor:
     """The same, by the backward kernel of `degrpo_loss` on the chunk seen as one row."""
     p = tok.params
     has_ref = tok.ref is not None
@@ -99,11 +102,23 @@ def _token_grad_triton(logp: Tensor, tok: _Tokens) -> Tensor:
     strides = (n, n, n, 1, n, n, n)
     flags = dict(
         HAS_CONTROL_MASK=True, HAS_TOKEN_WEIGHTS=tok.tw is not None, KL_TYPE=KL_TYPES.index(p.kl_type) + 1,
-        COMPUTE=_compute_dtype(logp),
+        COMPUTE=triton_dtype(compute_dtype(logp.dtype)),
     )  # fmt: skip
     weights = tok.weights.to(logp.dtype).contiguous()
     has_kl = has_ref and p.kl_coef != 0.0
-    return _backward_triton(tokens, strides, resp, tw, weights, p, flags, has_kl).reshape(-1)
+    return backward_triton(tokens, strides, resp, tw, weights, p, flags, has_kl).reshape(-1)
+
+
+def _token_grad_native(logp: Tensor, tok: Tokens) -> Tensor:
+    """dL/dlogp by the native backward of `degrpo_loss`, the chunk seen as one row."""
+    p = tok.params
+    row = lambda x: x.reshape(1, -1)
+    has_kl = tok.ref is not None and p.kl_coef != 0.0
+    return torch.ops.thinkless.degrpo_backward(
+        row(logp), row(tok.old), row(tok.adv), row(tok.resp), row(tok.ref) if has_kl else None, row(tok.ctrl),
+        row(tok.tw) if tok.tw is not None else None, tok.weights.to(logp.dtype), p.clip_low, p.clip_high,
+        KL_TYPES.index(p.kl_type) + 1, p.kl_bound, has_kl,
+    ).reshape(-1)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -112,7 +127,7 @@ def _token_grad_triton(logp: Tensor, tok: _Tokens) -> Tensor:
 
 
 @dataclass
-class _Pass:
+class Pass:
     """What one pass over the rows computes, and its outputs."""
 
     hidden: Tensor  # [N, H]
@@ -123,7 +138,7 @@ class _Pass:
     chunk: int
     backend: str  # the row work: "triton", "cpp" or "torch"
     want_entropy: bool
-    tokens: _Tokens | _CrossEntropyTokens | None = None  # per-token loss constants; None: log-probs only
+    tokens: Tokens | CrossEntropyTokens | None = None  # per-token loss constants; None: log-probs only
     grad_rows: int = 0  # the first grad_rows rows (in the order given) are response rows that get gradients
     need_dh: bool = False
     need_dw: bool = False
@@ -146,13 +161,9 @@ def chunk_rows(chunk_size: int | None, n_rows: int, vocab: int, itemsize: int, d
     return max(1, min(chunk_size, n_rows))
 
 
-def _compute_dtype_of(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _run(ps: _Pass, row_ops: dict[str, _RowOps]):
+def run(ps: Pass):
     """The chunk loop. Returns (logp [N], entropy [N] or None, dH, dW, db), gradients None where not asked.
-    `row_ops` maps the kernel backends ("triton", "cpp") to their row work; "torch" needs none.
+    The kernel backends ("triton", "cpp") do their row work by `ROW_OPS`; "torch" needs none.
 
     Autocast is off inside: the GEMMs here have chosen their dtypes (fp32 accumulation, fp32 dW), and autocast
     would silently run some of them in bf16.
@@ -160,20 +171,10 @@ def _run(ps: _Pass, row_ops: dict[str, _RowOps]):
     with torch.autocast(ps.hidden.device.type, enabled=False):
         if ps.backend == "torch":
             return _run_torch(ps)
-        return _run_fused_rows(ps, row_ops[ps.backend])
+        return _run_fused_rows(ps, ROW_OPS[ps.backend])
 
 
-@dataclass(frozen=True)
-class _RowOps:
-    """A backend of the row work that writes dlogits in place (Triton on CUDA, the native extension on CPU)."""
-
-    column_layout: bool  # the chunk is a [n, V] view of a [V, n] buffer (else a contiguous [n, V] one)
-    upcast: bool  # bf16 / fp16 inputs go to fp32 for the whole pass (CPU); else GEMMs in the input dtype
-    stats: Callable  # (z, targets, inv_temp, want_entropy) -> (lse, logp, entropy)
-    grad_: Callable  # (z, targets, lse, g, inv_temp, entropy, entropy_grad) -> None: z becomes dL/d(h W^T + b)
-
-
-def _outputs(ps: _Pass, compute: torch.dtype, work: torch.dtype, acc: torch.dtype):
+def _outputs(ps: Pass, compute: torch.dtype, work: torch.dtype, acc: torch.dtype):
     """logp, entropy, dH, dW, db (None where not asked) and the [chunk x V] logits buffer of one pass."""
     (N, H), V, device = ps.hidden.shape, ps.weight.shape[0], ps.hidden.device
     logp = torch.empty(N, dtype=compute, device=device)
@@ -187,10 +188,10 @@ def _outputs(ps: _Pass, compute: torch.dtype, work: torch.dtype, acc: torch.dtyp
     return logp, entropy, dH, dW, db, buf
 
 
-def _run_fused_rows(ps: _Pass, ops: _RowOps):
+def _run_fused_rows(ps: Pass, ops: RowOps):
     """Steps 1-5 of the module docstring; the kernels apply 1/temperature as they read the raw logits."""
     N, V = ps.hidden.shape[0], ps.weight.shape[0]
-    compute = _compute_dtype_of(ps.hidden.dtype)
+    compute = compute_dtype(ps.hidden.dtype)
     work = compute if ops.upcast else ps.weight.dtype  # the dtype of the GEMMs and of the logits buffer
     acc = compute  # dW and db accumulate in fp32 (fp64 for fp64)
     weight = ps.weight.to(work)
@@ -219,16 +220,16 @@ def _run_fused_rows(ps: _Pass, ops: _RowOps):
         if dH is not None:
             torch.mm(z, weight, out=dH[s:e])
         if dW is not None:
-            _accumulate(dW, z.t(), h, first=s == 0)
+            accumulate(dW, z.t(), h, first=s == 0)
         if db is not None:
             db += z.sum(0, dtype=acc)
     return logp, entropy, dH, dW, db
 
 
-def _run_torch(ps: _Pass):
+def _run_torch(ps: Pass):
     """The same pass with the row work in torch ops (see the module docstring for its shape)."""
     N, V = ps.hidden.shape[0], ps.weight.shape[0]
-    compute = _compute_dtype_of(ps.hidden.dtype)
+    compute = compute_dtype(ps.hidden.dtype)
     inv_temp = 1.0 / ps.temperature
     weight = ps.weight.to(compute)
     bias = ps.bias.to(compute) if ps.bias is not None else None
@@ -250,7 +251,7 @@ def _run_torch(ps: _Pass):
             torch.addmm(z, h, weight.t(), beta=0.0, alpha=inv_temp, out=z)
         m = zs.amax(0)
         z_target = z.gather(1, t[:, None]).squeeze(1)
-        ssum, sz = _exp_shifted_(zs.sub_(m), ps.want_entropy)  # zs is now E = exp(z - m)
+        ssum, sz = exp_shifted_(zs.sub_(m), ps.want_entropy)  # zs is now E = exp(z - m)
         log_s = ssum.log()
         lse = m + log_s
         lp = z_target - lse
@@ -272,7 +273,7 @@ def _run_torch(ps: _Pass):
             if dH is not None:
                 torch.mm(E, weight, out=dH[s:e])
             if dW is not None:
-                _accumulate(dW, E.t(), h, first=s == 0)
+                accumulate(dW, E.t(), h, first=s == 0)
             if db is not None:
                 db += E.sum(0)
             continue
@@ -280,7 +281,7 @@ def _run_torch(ps: _Pass):
         if dH is not None:
             dH[s:e] = g[:, None] * weight[t] - coef[:, None] * torch.mm(E, weight)
         if dW is not None:
-            _accumulate(dW, E.t(), coef[:, None] * h, first=s == 0, alpha=-1.0)
+            accumulate(dW, E.t(), coef[:, None] * h, first=s == 0, alpha=-1.0)
             dW.index_add_(0, t, g[:, None] * h)
         if db is not None:
             db.addmv_(E.t(), coef, alpha=-1.0)
@@ -295,7 +296,7 @@ def _entropy_grad(tokens, g: Tensor, inv_temp: float) -> Tensor | None:
     return torch.full_like(g, tokens.entropy_weight * inv_temp)
 
 
-def _exp_shifted_(zs: Tensor, want_entropy: bool, block_bytes: int = 2 * 2**20):
+def exp_shifted_(zs: Tensor, want_entropy: bool, block_bytes: int = 2 * 2**20):
     """zs [V, n] holds z - max per column; make it E = exp(z - max) in place and return (sum E, sum E (z - max)).
 
     Walks contiguous slabs of vocabulary entries: each slab's exp goes to a small temporary while its z - max is
@@ -327,7 +328,7 @@ def _warn_low_precision_dw():
     )
 
 
-def _accumulate(acc: Tensor, a: Tensor, b: Tensor, *, first: bool, alpha: float = 1.0) -> None:
+def accumulate(acc: Tensor, a: Tensor, b: Tensor, *, first: bool, alpha: float = 1.0) -> None:
     """acc (+)= alpha * a @ b, acc in fp32 (fp64) and a, b possibly bf16/fp16; `first` overwrites acc."""
     beta = 0.0 if first else 1.0
     if a.dtype == acc.dtype:
@@ -341,15 +342,3 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor, *, first: bool, alpha: float 
             acc.copy_(prod) if first else acc.add_(prod)
     else:  # CPU tensors on the Triton path (interpreter tests): take the chunk up to fp32
         torch.addmm(acc, a.to(acc.dtype), b.to(acc.dtype), beta=beta, alpha=alpha, out=acc)
-
-
-def _token_grad_native(logp: Tensor, tok: _Tokens) -> Tensor:
-    """dL/dlogp by the native backward of `degrpo_loss`, the chunk seen as one row."""
-    p = tok.params
-    row = lambda x: x.reshape(1, -1)
-    has_kl = tok.ref is not None and p.kl_coef != 0.0
-    return torch.ops.thinkless.degrpo_backward(
-        row(logp), row(tok.old), row(tok.adv), row(tok.resp), row(tok.ref) if has_kl else None, row(tok.ctrl),
-        row(tok.tw) if tok.tw is not None else None, tok.weights.to(logp.dtype), p.clip_low, p.clip_high,
-        KL_TYPES.index(p.kl_type) + 1, p.kl_bound, has_kl,
-    ).reshape(-1)  # fmt: skip
