@@ -1,5 +1,5 @@
-"""Input checks at the public API boundary: of one argument, and of the loss's per-token inputs, options and
-normalisers, which `degrpo_loss` and the fused linear losses share.
+"""Input checks at the public API boundary: of one argument, and of the loss's per-token inputs, which `degrpo_loss`
+and the fused linear losses share (the options' checks are declared with them, `degrpo_weights.DeGRPOParams`).
 
 Every backend sees the same inputs, so a user mistake gives the same `ValueError`, naming the argument, whichever
 implementation would have run.

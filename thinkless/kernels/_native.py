@@ -14,7 +14,7 @@ import warnings
 import torch
 
 from thinkless.kernels._tensors import compute_dtype, contiguous_tokens
-from thinkless.kernels.degrpo_weights import KL_TYPES, function_outputs, loss_from_totals
+from thinkless.kernels.degrpo_weights import function_outputs, loss_from_totals
 
 # What a build for each instruction set needs from the running CPU, as torch reports it.
 _RUNS_ON = {"DEFAULT": None, "AVX2": {"AVX2", "AVX512"}, "AVX512": {"AVX512"}}
@@ -95,7 +95,7 @@ class DeGRPOLossNativeFunction(torch.autograd.Function):
         )
         tokens += (as_rows(ref_logp), contiguous_tokens(control_mask) if control_mask is not None else None)
         tokens += (as_rows(token_weights),)
-        kl_type = KL_TYPES.index(params.kl_type) + 1
+        kl_type = params.kl_code
         totals = torch.ops.thinkless.degrpo_forward(
             *tokens, params.clip_low, params.clip_high, kl_type, params.kl_bound
         )

@@ -14,7 +14,10 @@ from thinkless.kernels._backend import select_backend
 from thinkless.kernels._checks import check_loss_inputs
 from thinkless.kernels._native import DeGRPOLossNativeFunction
 from thinkless.kernels.degrpo_triton import DeGRPOLossFunction
-from thinkless.kernels.degrpo_weights import KL_TYPES as KL_TYPES  # re-exported: thinkless.train.config reads it here
+
+# Importable from here as in thinkless 0.1, where this module defined them all.
+from thinkless.kernels.degrpo_weights import KL_TYPES as KL_TYPES
+from thinkless.kernels.degrpo_weights import LOSS_AGGS as LOSS_AGGS
 from thinkless.kernels.degrpo_weights import (
     LOSS_DEFAULTS,
     NORMALIZER_NAMES,
@@ -23,6 +26,8 @@ from thinkless.kernels.degrpo_weights import (
     check_normalizers,
     resolve_token_weights,
 )
+from thinkless.kernels.degrpo_weights import loss_weights as loss_weights
+from thinkless.kernels.degrpo_weights import sequence_token_weights as sequence_token_weights
 
 
 def degrpo_loss(

@@ -16,7 +16,7 @@ from torch import Tensor
 from thinkless.kernels._config import DEGRPO_LOSS, FIRST_RESPONSE
 from thinkless.kernels._tensors import compute_dtype, contiguous_tokens
 from thinkless.kernels._triton_utils import split_scalar, tl, triton, triton_dtype
-from thinkless.kernels.degrpo_weights import KL_TYPES, DeGRPOParams, function_outputs, loss_from_totals
+from thinkless.kernels.degrpo_weights import DeGRPOParams, function_outputs, loss_from_totals
 
 # control loss sum, response loss sum, control count, response count, clipped, kl sum, ratio sum, and the two loss
 # sums again with each token's weight (token_weights; equal to the first two without them)
@@ -342,7 +342,7 @@ class DeGRPOLossFunction(torch.autograd.Function):
         flags = dict(
             HAS_CONTROL_MASK=control_mask is not None,
             HAS_TOKEN_WEIGHTS=token_weights is not None,
-            KL_TYPE=KL_TYPES.index(params.kl_type) + 1,
+            KL_TYPE=params.kl_code,
             COMPUTE=triton_dtype(compute_dtype(logp.dtype)),
         )
         resp = tokens[3]

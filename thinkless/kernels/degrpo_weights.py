@@ -61,11 +61,16 @@ class DeGRPOParams:
         "token_mean",
         _one_of(LOSS_AGGS),
         "aggregation of the response term: token_mean, seq_mean_token_mean (per-sequence 1/T_i) or "
-        "seq_mean_token_sum_norm (Dr. GRPO: each sequence's sum / loss_agg_norm)",
+        "seq_mean_token_sum_norm (Dr. GRPO: the sequences' sums / (sequences x loss_agg_norm))",
     )
     loss_agg_norm: float | None = _option(
         None, _optional(_checks.number), "seq_mean_token_sum_norm: the constant token count"
     )
+
+    @property
+    def kl_code(self) -> int:
+        """kl_type as the kernels take it (a constexpr / an int argument): 1, 2, 3 for k1, k2, k3."""
+        return KL_TYPES.index(self.kl_type) + 1
 
     @property
     def kl_bound(self) -> float:
@@ -74,12 +79,12 @@ class DeGRPOParams:
 
     @classmethod
     def checked(cls, *, has_ref: bool, **options) -> DeGRPOParams:
-        """The options, each checked by its own rule (a ValueError names it); kl_coef > 0 needs reference log-probs
-        (`has_ref`), seq_mean_token_sum_norm a loss_agg_norm."""
-        unknown = set(options) - {f.name for f in fields(cls)}
-        if unknown:
-            raise TypeError(f"unknown DeGRPO option(s): {', '.join(sorted(unknown))}")
-        params = cls(**{f.name: f.metadata["check"](f.name, options.get(f.name, f.default)) for f in fields(cls)})
+        """The options, each checked by its own rule (a ValueError names it; an unknown option is a TypeError);
+        kl_coef > 0 needs reference log-probs (`has_ref`), seq_mean_token_sum_norm a loss_agg_norm."""
+        declared = _DECLARED  # (looked up once: this runs on every call of a loss)
+        if not declared.keys() >= options.keys():
+            raise TypeError(f"unknown DeGRPO option(s): {', '.join(sorted(options.keys() - declared.keys()))}")
+        params = cls(**{name: check(name, options.get(name, default)) for name, (default, check) in declared.items()})
         if params.kl_coef > 0 and not has_ref:
             raise ValueError("ref_logp is required when kl_coef > 0 (the KL term compares against the reference)")
         if params.loss_agg == "seq_mean_token_sum_norm" and not (params.loss_agg_norm or 0) > 0:
@@ -89,6 +94,7 @@ class DeGRPOParams:
 
 
 LOSS_DEFAULTS = DeGRPOParams()  # the public functions' keyword defaults
+_DECLARED = {f.name: (f.default, f.metadata["check"]) for f in fields(DeGRPOParams)}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from thinkless.kernels._config import CHUNK_BYTES_CPU, CHUNK_BYTES_CUDA
 from thinkless.kernels._tensors import compute_dtype
 from thinkless.kernels._triton_utils import triton_dtype
 from thinkless.kernels.degrpo_triton import backward_triton
-from thinkless.kernels.degrpo_weights import KL_TYPES, DeGRPOParams
+from thinkless.kernels.degrpo_weights import DeGRPOParams
 from thinkless.kernels.fused_linear_rows import ROW_OPS, RowOps
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -90,7 +90,7 @@ def _token_grad_torch(logp: Tensor, tok: Tokens) -> Tensor:
 
 
 def _token_grad_triton(logp: Tensor, tok: Tokens) -> Tensor:
-    """The same, by the backward kernel of `degrpo_loss` on the chunk seen as one row."""
+    """The same, by the DeGRPO backward kernel (`degrpo_triton.backward_triton`) on the chunk seen as one row."""
     p = tok.params
     has_ref = tok.ref is not None
     row = lambda x: x.reshape(1, -1)
@@ -101,7 +101,7 @@ def _token_grad_triton(logp: Tensor, tok: Tokens) -> Tensor:
     n = logp.numel()
     strides = (n, n, n, 1, n, n, n)
     flags = dict(
-        HAS_CONTROL_MASK=True, HAS_TOKEN_WEIGHTS=tok.tw is not None, KL_TYPE=KL_TYPES.index(p.kl_type) + 1,
+        HAS_CONTROL_MASK=True, HAS_TOKEN_WEIGHTS=tok.tw is not None, KL_TYPE=p.kl_code,
         COMPUTE=triton_dtype(compute_dtype(logp.dtype)),
     )  # fmt: skip
     weights = tok.weights.to(logp.dtype).contiguous()
@@ -110,14 +110,14 @@ def _token_grad_triton(logp: Tensor, tok: Tokens) -> Tensor:
 
 
 def _token_grad_native(logp: Tensor, tok: Tokens) -> Tensor:
-    """dL/dlogp by the native backward of `degrpo_loss`, the chunk seen as one row."""
+    """dL/dlogp by the native DeGRPO backward op (`torch.ops.thinkless.degrpo_backward`), the chunk as one row."""
     p = tok.params
     row = lambda x: x.reshape(1, -1)
     has_kl = tok.ref is not None and p.kl_coef != 0.0
     return torch.ops.thinkless.degrpo_backward(
         row(logp), row(tok.old), row(tok.adv), row(tok.resp), row(tok.ref) if has_kl else None, row(tok.ctrl),
         row(tok.tw) if tok.tw is not None else None, tok.weights.to(logp.dtype), p.clip_low, p.clip_high,
-        KL_TYPES.index(p.kl_type) + 1, p.kl_bound, has_kl,
+        p.kl_code, p.kl_bound, has_kl,
     ).reshape(-1)  # fmt: skip
 
 
