@@ -162,3 +162,12 @@ def test_every_declared_rule_is_enforced():
                     load_config(None, [f"{key}={value}"])
                 checked += 1
     assert checked > 50
+
+
+@pytest.mark.parametrize(
+    "override", ["algo.lr=nan", "algo.kl_coef=nan", "rollout.temperature=inf", "rewards.wrong=-inf"]
+)
+def test_non_finite_numbers_are_refused(override):
+    """nan passes every comparison of a range rule (and inf most): a number must be finite."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(override.split('=')[0])} must be a finite number"):
+        load_config(None, [override])

@@ -96,6 +96,31 @@ def test_two_rank_rl_one_stream_loadable_checkpoint_and_resume(base):
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4"]
 
 
+def test_an_error_of_rank_0_picking_the_checkpoint_stops_every_rank(base, tmp_path):
+    """Rank 0 alone verifies the checkpoints while the others wait for its answer: when it fails (here a disk
+    error), every rank stops at once with one line; none is left waiting in a collective."""
+    script = tmp_path / "broken_disk.py"
+    script.write_text(
+        "import os, sys\n"
+        "from thinkless.train import run\n"
+        "def broken(folder, verify=True):\n"
+        "    raise OSError(5, 'Input/output error', str(folder))\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    run.latest_checkpoint = broken\n"
+        "from thinkless.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "rl", *RL,
+           "trainer.total_steps=1", f"trainer.output_dir={tmp_path / 'run'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=base, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    ours, _, agent = proc.stderr.partition("Traceback")  # after the ranks' lines: torchrun's report of their exit
+    assert "thinkless-train rl: error: cannot read the checkpoints in" in ours  # rank 0
+    assert "thinkless-train rl: error: rank 0 could not read the checkpoints in" in ours  # rank 1
+    assert not agent or "ChildFailedError" in agent
+
+
 def test_two_rank_sft_trains_what_one_process_trains(base):
     from safetensors.torch import load_file
 

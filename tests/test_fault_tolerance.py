@@ -224,3 +224,13 @@ def test_any_write_error_of_a_save_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match=r"checkpoint-5: SafetensorError: Error while serializing.*no earlier"):
         save_checkpoint(tmp_path, 5, Model(), None, {}, keep_last=2)
     assert not list(tmp_path.iterdir())  # no checkpoint-5.tmp left behind
+
+
+@pytest.mark.parametrize(
+    "manifest", ['{"files": ["x"]}', '{"files": {"a": 3}}', '{"files": {"a": {"bytes": "x"}}}', "[1]", '{"files"']
+)
+def test_a_manifest_of_the_wrong_shape_is_damage_not_a_crash(tmp_path, manifest):
+    from thinkless.train.checkpoint import MANIFEST, verify_checkpoint
+
+    (tmp_path / MANIFEST).write_text(manifest)
+    assert verify_checkpoint(tmp_path).startswith(f"{MANIFEST} unreadable")

@@ -136,7 +136,7 @@ def test_one_decode_rule_keeps_the_thinkless_tokens_a_tokenizer_marks_special(tm
     from transformers import AddedToken
 
     from thinkless.train.distill_teacher import decode_response
-    from thinkless.train.model import decode_text
+    from thinkless.train.model import text_decoder
     from thinkless.train.rewards import solution_text
     from thinkless.train.rollout import assemble
 
@@ -147,10 +147,15 @@ def test_one_decode_rule_keeps_the_thinkless_tokens_a_tokenizer_marks_special(tm
     ids = tok.encode("<think>7 + 5 = 12</think> so \\boxed{12}<|tool|><|im_start|>", add_special_tokens=False)
     ids += [tok.eos_token_id, tok.pad_token_id]
     assert tok.decode(ids, skip_special_tokens=True).count("think") == 0  # the rule it replaces lost them
-    text = decode_text(tok, ids)
+    decode = text_decoder(tok)
+    text = decode(ids)
     assert text == "<think>7 + 5 = 12</think> so \\boxed{12}"
     assert solution_text(text, "think") == " so \\boxed{12}"
-    assert decode_response(tok, ids[:-1], [tok.eos_token_id]) == (text, True)
+    assert decode_response(decode, ids[:-1], [tok.eos_token_id]) == (text, True)
+    # An ordinary token that a tokenizer names as its pad (not flagged special) stays in the text, as before.
+    tok.pad_token = "!"
+    bang = tok.convert_tokens_to_ids("!")
+    assert text_decoder(tok)([*tok.encode("5", add_special_tokens=False), bang]) == "5!"
     generated = torch.tensor([ids])
     ro = assemble(torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.long), generated,
                   torch.ones_like(generated, dtype=torch.bool), torch.zeros(generated.shape), tok, 1)  # fmt: skip

@@ -16,8 +16,8 @@ The statistics of a set of samples, each (mode, correct, tokens), under one set 
     mean_tokens_think   mean tokens of the <think> samples (None: none)
     format_errors       samples without a control token
 
-Evaluation reports carry them as they are; RL's metrics.jsonl carries them for every step (and per tag with
-`data.tag_key`: `<name>/<tag>`), and `val/<file>/<name>` for validation.
+Evaluation reports carry them as they are; RL's metrics.jsonl carries them for every step (and the HEADLINE three
+per tag with `data.tag_key`: `<name>/<tag>`), and validation the HEADLINE three as `val/<file>/<name>`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ MODES = {"short": SHORT, "think": THINK}  # a mode's name -> its control token, 
 ADDED_TOKENS = (SHORT, THINK, THINK_END)  # the tokens a model's vocabulary gets for Thinkless
 
 HEADLINE = ("accuracy", "think_ratio", "mean_tokens")
-STATISTICS = (*HEADLINE, "accuracy_short", "accuracy_think", "mean_tokens_short", "mean_tokens_think", "format_errors")
 
 # The RL metric names of thinkless 0.1 (issue 5) for the same figures, still written beside the names above so that
 # dashboards and scripts that read them keep working; as then, a mode without samples gives 0 there, not None.
@@ -54,8 +53,8 @@ def mode_of_token(first_token: int, short_id: int, think_id: int) -> str | None:
 
 
 def mode_statistics(modes: list, correct: list, tokens: list) -> dict:
-    """The STATISTICS of samples given as parallel lists: each sample's mode ("short", "think" or None), whether
-    its answer is right, and its tokens. No sample at all: the headline figures are 0."""
+    """The statistics (see the module's doc) of samples given as parallel lists: each sample's mode ("short",
+    "think" or None), whether its answer is right, and its tokens. No sample at all: the headline figures are 0."""
     if not (len(modes) == len(correct) == len(tokens)):
         raise ValueError(f"mode_statistics: {len(modes)} modes, {len(correct)} correct, {len(tokens)} tokens")
 

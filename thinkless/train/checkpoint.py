@@ -85,16 +85,20 @@ def verify_checkpoint(folder: str | Path) -> str | None:
         return None
     try:
         files = json.loads(path.read_text())["files"]
-    except (OSError, ValueError, KeyError) as err:
+        entries = [(str(name), int(entry["bytes"]), int(entry["crc32"])) for name, entry in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:  # cut, not JSON, or not its shape
         return f"{MANIFEST} unreadable: {type(err).__name__}"
-    for name, entry in files.items():
+    for name, size, crc in entries:
         file = folder / name
-        if not file.is_file():
-            return f"{name} is missing"
-        if file.stat().st_size != entry["bytes"]:
-            return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}"
-        if _crc32(file) != entry["crc32"]:
-            return f"{name} does not match its checksum"
+        try:
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} bytes, the manifest says {size}"
+            if _crc32(file) != crc:
+                return f"{name} does not match its checksum"
+        except OSError as err:  # an I/O error of the disk: the checkpoint cannot be trusted either
+            return f"{name} cannot be read ({type(err).__name__}: {err})"
     return None
 
 

@@ -10,6 +10,7 @@ resolved settings are saved as `config.yaml` in the run's output folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,6 +398,8 @@ def validate(config: Config) -> None:
 
 
 def _check_rule(name: str, value, rule) -> None:
+    if isinstance(value, float) and not math.isfinite(value):  # nan passes every comparison; inf most
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
     if "low" in rule and value < rule["low"]:
         raise ConfigError(f"{name} must be >= {rule['low']}, got {value!r}")
     if "above" in rule and value <= rule["above"]:

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 from dataclasses import dataclass
@@ -49,6 +50,20 @@ class Dist:
         out = [None] * self.world
         dist.all_gather_object(out, obj)
         return out
+
+    def from_main(self, obj):
+        """Rank 0's `obj` on every rank (the others' `obj` is ignored). Over a gloo group of its own with no
+        timeout to speak of: the other ranks may wait long (rank 0 reading a checkpoint of many gigabytes) where a
+        collective of the training group would hit its timeout (NCCL: 10 minutes)."""
+        if self.world == 1:
+            return obj
+        group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=1))
+        try:
+            box = [obj]
+            dist.broadcast_object_list(box, src=0, group=group)
+            return box[0]
+        finally:
+            dist.destroy_process_group(group)
 
     def max(self, value: int) -> int:
         return max(self.gather(int(value)))

@@ -25,7 +25,7 @@ import yaml
 from thinkless.modes import SHORT, THINK, THINK_END, mode_of_text
 from thinkless.train.config import ConfigError
 from thinkless.train.data import DataError, Problem, iter_rows, user_turn
-from thinkless.train.model import decode_text
+from thinkless.train.model import text_decoder
 from thinkless.train.rewards import score
 
 if TYPE_CHECKING:
@@ -243,13 +243,13 @@ def teacher_prompt(tokenizer, problem: str, data, args: dict | None = None) -> t
     return prompt, opened
 
 
-def decode_response(tokenizer, tokens: list[int], stops: list[int]) -> tuple[str, bool]:
-    """The text of generated tokens without their stop token (`model.decode_text`: special tokens left out, the
-    think tags kept), and whether they ended with one."""
+def decode_response(decode, tokens: list[int], stops: list[int]) -> tuple[str, bool]:
+    """The text of generated tokens without their stop token (`decode`: a `model.text_decoder`, special tokens left
+    out, the think tags kept), and whether they ended with one."""
     stopped = bool(tokens) and tokens[-1] in stops
     if stopped:
         tokens = tokens[:-1]
-    return decode_text(tokenizer, tokens), stopped
+    return decode(tokens), stopped
 
 
 class Teacher:
@@ -316,12 +316,11 @@ class Teacher:
             step = self.config.trainer.batch_size
             parts = [generate(self.model, self.tokenizer, prompts[i : i + step], self.rollout)
                      for i in range(0, len(prompts), step)]  # fmt: skip
-        texts = []
+        texts, decode = [], text_decoder(self.tokenizer)
         for ro in parts:
             P = ro.prompt_width
             for row, mask in zip(ro.input_ids[:, P:].tolist(), ro.response_mask[:, P:].tolist(), strict=True):
-                texts.append(decode_response(self.tokenizer, [t for t, m in zip(row, mask, strict=True) if m],
-                                             self.stops))  # fmt: skip
+                texts.append(decode_response(decode, [t for t, m in zip(row, mask, strict=True) if m], self.stops))
         out: list[list[tuple[str, bool]] | None] = [None] * len(problems)
         for j, i in enumerate(todo):
             opened = pairs[i][1]

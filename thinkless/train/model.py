@@ -109,16 +109,24 @@ def control_token_ids(tokenizer) -> dict[str, int]:
     return {token: tokenizer.convert_tokens_to_ids(token) for token in ADDED_TOKENS}
 
 
-def decode_text(tokenizer, ids: list[int]) -> str:
+def text_decoder(tokenizer):
     """The text of generated token ids, by one rule for every model that generates (the policy's rollouts, the
-    distillation teachers): special tokens are left out (eos, pad, a chat template's markers), except the Thinkless
-    tokens (`modes.ADDED_TOKENS`), which a tokenizer may mark special (an R1-style `<think>`) and which the reward
-    reads (`</think>` opens a think answer's solution)."""
+    distillation teachers): the tokens the tokenizer flags special are left out (eos, pad, a chat template's markers:
+    what `skip_special_tokens=True` leaves out), except the Thinkless tokens (`modes.ADDED_TOKENS`), which a
+    tokenizer may flag special (an R1-style `<think>`) and which the reward reads (`</think>` opens a think answer's
+    solution). Returns `decode(ids) -> str`; the token sets are built once, here (call it once per batch)."""
     thinkless = control_token_ids(tokenizer)  # (a teacher's tokenizer may lack some: no id, or the unknown token's)
     keep = {i for t, i in thinkless.items() if i is not None and tokenizer.convert_ids_to_tokens(i) == t}
-    special = set(tokenizer.all_special_ids)
-    special |= {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items() if token.special}
-    return tokenizer.decode([t for t in ids if t not in special or t in keep], skip_special_tokens=False)
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    special = (
+        {i for i, token in added.items() if token.special} if added is not None else set(tokenizer.all_special_ids)
+    )
+    drop = special - keep
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode([t for t in ids if t not in drop], skip_special_tokens=False)
+
+    return decode
 
 
 def load_model(

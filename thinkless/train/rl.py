@@ -63,7 +63,7 @@ def run_rl(config: Config) -> Run:
             val = {}
             if val_examples and (step % config.trainer.val_every == 0 or step == total):
                 val = _validation(run, config, step, val_examples, engine)
-            row = run.metrics.log(step, {**val, **metrics})
+            row = run.metrics.log(step, {**val, **metrics, **_peak_memory(run.device)})
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", think=f"{row['think_ratio']:.2f}")
             if run.end_step(step):
                 break
@@ -299,12 +299,17 @@ class _Clock:
 
     def metrics(self, tokens: int) -> dict:
         """tokens/s and the step's seconds, then the phases' (rank 0's clock; the phases end in collectives, so
-        ranks agree), and the peak of allocated GPU memory (the caching allocator's view)."""
+        ranks agree)."""
         seconds = self.last - self.start
-        out = {"tokens_per_s": tokens / seconds, "step_seconds": seconds, **self.laps}
-        if self.device.type == "cuda":
-            out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        return out
+        return {"tokens_per_s": tokens / seconds, "step_seconds": seconds, **self.laps}
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """The step's peak of allocated GPU memory, its validation included (the caching allocator's view; `_Clock`
+    resets it when a step starts)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def _to_cpu(ro: Rollouts) -> Rollouts:

@@ -13,7 +13,7 @@ import torch
 
 from thinkless.modes import SHORT, THINK, mode_of_token
 from thinkless.train import decode
-from thinkless.train.model import control_token_ids, decode_text
+from thinkless.train.model import control_token_ids, text_decoder
 
 if TYPE_CHECKING:
     from thinkless.train.config import RolloutConfig
@@ -187,7 +187,8 @@ def assemble(prompt_ids, prompt_attention, generated, response, logp, tokenizer,
     P = prompt_ids.shape[1]
     ids = control_token_ids(tokenizer)
     modes = [mode_of_token(int(t), ids[SHORT], ids[THINK]) for t in generated[:, 0]]
-    texts = [decode_text(tokenizer, row[mask].tolist()) for row, mask in zip(generated, response, strict=True)]
+    decode = text_decoder(tokenizer)
+    texts = [decode(row[mask].tolist()) for row, mask in zip(generated, response, strict=True)]
     return Rollouts(
         input_ids=torch.cat((prompt_ids, generated), dim=1),
         attention_mask=torch.cat((prompt_attention, response.long()), dim=1),

@@ -18,7 +18,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from thinkless.train.checkpoint import latest_checkpoint, load_state, rng_state, save_checkpoint, set_rng_state
+from thinkless.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from thinkless.train.config import ConfigError
 from thinkless.train.dist import (
     Dist,
@@ -269,14 +276,30 @@ def lr_lambda(algo: AlgoConfig, total: int):
 
 def resume_point(output_dir: Path, d: Dist) -> Path | None:
     """The checkpoint a run resumes from: the newest whose files match their manifest. Rank 0 alone reads them (a
-    CRC over every byte: gigabytes for a real model, once) and every rank resumes from the one it found."""
-    found = latest_checkpoint(output_dir) if d.is_main else None
-    return d.gather(found)[0] if d.world > 1 else found
+    CRC over every byte: gigabytes for a real model, once) while the other ranks wait for its answer (`d.from_main`:
+    no collective timeout, however long that takes); an error there is raised on every rank (none hangs)."""
+    found, error = None, None
+    if d.is_main:
+        try:
+            found = latest_checkpoint(output_dir)
+        except Exception as err:  # re-raised below, after every rank has heard of it
+            error = err
+    if d.world > 1:
+        found, failure = d.from_main((found, None if error is None else f"{type(error).__name__}: {error}"))
+        if failure is not None and error is None:
+            raise CheckpointError(f"rank 0 could not read the checkpoints in {output_dir}: {failure}")
+    if isinstance(error, OSError):  # the disk's error, not a bug: one line, as any checkpoint that cannot be read
+        raise CheckpointError(f"cannot read the checkpoints in {output_dir}: {error}") from error
+    if error is not None:
+        raise error
+    return found
 
 
 def check_output_dir(config: Config, stage: str) -> None:
     """A run folder belongs to one stage: resuming an SFT run as RL (or the reverse) would mix their optimizers."""
-    checkpoint = latest_checkpoint(config.trainer.output_dir)
+    with warnings.catch_warnings():  # (a stage that resumes says which checkpoint is damaged when it resumes)
+        warnings.simplefilter("ignore")
+        checkpoint = latest_checkpoint(config.trainer.output_dir)
     if checkpoint is not None:
         check_stage(config, stage, checkpoint, load_state(checkpoint).get("stage", stage))
 
