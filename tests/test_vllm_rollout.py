@@ -27,8 +27,10 @@ def test_outputs_become_rollouts_in_the_trainers_layout():
 
     from thinkless.train.vllm_rollout import rollouts_from_outputs
 
-    tok = SimpleNamespace(pad_token_id=0, decode=lambda ids, **k: " ".join(map(str, ids)),
-                          convert_tokens_to_ids=lambda t: {"<short>": 7, "<think>": 8, "</think>": 9}[t])  # fmt: skip
+    ids = {"<short>": 7, "<think>": 8, "</think>": 9}
+    tok = SimpleNamespace(pad_token_id=0, decode=lambda ids, **k: " ".join(map(str, ids)), all_special_ids=[],
+                          convert_tokens_to_ids=ids.get,
+                          convert_ids_to_tokens={i: t for t, i in ids.items()}.get)  # fmt: skip
     L = fake_vllm.Logprob
     outs = [
         fake_vllm.RequestOutput("0", [5, 6], [
