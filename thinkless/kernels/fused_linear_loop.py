@@ -174,6 +174,15 @@ def run(ps: Pass):
         return _run_fused_rows(ps, ROW_OPS[ps.backend])
 
 
+def _setup(ps: Pass, compute: torch.dtype, work: torch.dtype, acc: torch.dtype):
+    """What both shapes of the row work start from: the lm_head in the GEMMs' dtype `work`, the outputs
+    (`_outputs`), and the chunks as (start, end, with_grad)."""
+    weight = ps.weight.to(work)
+    bias = ps.bias.to(work) if ps.bias is not None else None
+    chunks = _chunks(ps.hidden.shape[0], ps.grad_rows if ps.tokens is not None else 0, ps.chunk)
+    return weight, bias, _outputs(ps, compute, work, acc), chunks
+
+
 def _outputs(ps: Pass, compute: torch.dtype, work: torch.dtype, acc: torch.dtype):
     """logp, entropy, dH, dW, db (None where not asked) and the [chunk x V] logits buffer of one pass."""
     (N, H), V, device = ps.hidden.shape, ps.weight.shape[0], ps.hidden.device
@@ -190,16 +199,13 @@ def _outputs(ps: Pass, compute: torch.dtype, work: torch.dtype, acc: torch.dtype
 
 def _run_fused_rows(ps: Pass, ops: RowOps):
     """Steps 1-5 of the module docstring; the kernels apply 1/temperature as they read the raw logits."""
-    N, V = ps.hidden.shape[0], ps.weight.shape[0]
+    V = ps.weight.shape[0]
     compute = compute_dtype(ps.hidden.dtype)
     work = compute if ops.upcast else ps.weight.dtype  # the dtype of the GEMMs and of the logits buffer
     acc = compute  # dW and db accumulate in fp32 (fp64 for fp64)
-    weight = ps.weight.to(work)
-    bias = ps.bias.to(work) if ps.bias is not None else None
     inv_temp = 1.0 / ps.temperature
-    logp, entropy, dH, dW, db, buf = _outputs(ps, compute, work, acc)
-    C = ps.chunk
-    for s, e, with_grad in _chunks(N, ps.grad_rows if ps.tokens is not None else 0, C):
+    weight, bias, (logp, entropy, dH, dW, db, buf), chunks = _setup(ps, compute, work, acc)
+    for s, e, with_grad in chunks:
         n = e - s
         h = ps.hidden[s:e].to(work)
         t = ps.targets[s:e]
@@ -228,14 +234,11 @@ def _run_fused_rows(ps: Pass, ops: RowOps):
 
 def _run_torch(ps: Pass):
     """The same pass with the row work in torch ops (see the module docstring for its shape)."""
-    N, V = ps.hidden.shape[0], ps.weight.shape[0]
+    V = ps.weight.shape[0]
     compute = compute_dtype(ps.hidden.dtype)
     inv_temp = 1.0 / ps.temperature
-    weight = ps.weight.to(compute)
-    bias = ps.bias.to(compute) if ps.bias is not None else None
-    logp, entropy, dH, dW, db, buf = _outputs(ps, compute, compute, compute)
-    C = ps.chunk
-    for s, e, with_grad in _chunks(N, ps.grad_rows if ps.tokens is not None else 0, C):
+    weight, bias, (logp, entropy, dH, dW, db, buf), chunks = _setup(ps, compute, compute, compute)
+    for s, e, with_grad in chunks:
         n = e - s
         h = ps.hidden[s:e].to(compute)
         t = ps.targets[s:e]
