@@ -74,7 +74,7 @@ def main() -> int:
             for engine in steps:
                 steps[engine] += run(engine, policy, data, work / f"{engine}-{k}", args)
     med = lambda xs: statistics.median(xs)  # noqa: E731
-    sampled_per_s = lambda r: r["samples"] * r["response_tokens_mean"] / r["rollout_seconds"]  # noqa: E731
+    sampled_per_s = lambda r: r["samples"] * r["mean_tokens"] / r["rollout_seconds"]  # noqa: E731
     report = {
         engine: {
             "steps": len(rows),
