@@ -18,12 +18,10 @@ from pathlib import Path
 import yaml
 
 from thinkless.kernels.degrpo_weights import KL_TYPES, LOSS_AGGS, DeGRPOParams
+from thinkless.train.config_values import ConfigError as ConfigError  # (raised here; imported from here by all)
+from thinkless.train.config_values import coerce
 
 INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-
-
-class ConfigError(ValueError):
-    """A user mistake in the settings: the CLI prints it as one line, without a traceback."""
 
 
 def _key(default, help_text: str, *, low=None, above=None, unit: bool = False, choices: tuple | None = None):
@@ -276,42 +274,6 @@ def _field_types(section_cls) -> dict[str, object]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
-def _coerce(name: str, value, kind):
-    """value as `kind` (bool, int, float, str or a list of one of them), or a ConfigError naming the key."""
-    if typing.get_origin(kind) is list:
-        if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
-        (item,) = typing.get_args(kind)
-        return [_coerce(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        try:
-            return int(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if kind is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if value is None:
-        return ""
-    if isinstance(value, (dict, list)):
-        raise ConfigError(f"{name} must be a string, got {value!r}")
-    return str(value)
-
-
 def _set(config: Config, dotted: str, value) -> None:
     section, _, key = dotted.partition(".")
     if section not in SECTIONS or not key:
@@ -320,7 +282,7 @@ def _set(config: Config, dotted: str, value) -> None:
     kinds = _field_types(SECTIONS[section])
     if key not in kinds:
         raise ConfigError(f"unknown key {dotted!r}; the keys of {section!r} are: {', '.join(kinds)}")
-    setattr(getattr(config, section), key, _coerce(dotted, value, kinds[key]))
+    setattr(getattr(config, section), key, coerce(dotted, value, kinds[key]))
 
 
 def load_config(
@@ -362,11 +324,11 @@ def load_config(
 
 def _parse_override(dotted: str, text: str):
     """The value of `section.key=text` as its key's type reads it: text stays text (a path `yes`, an instruction
-    with `: ` or `#`), a list is `[a, b]` or `a,b`, numbers and booleans are read by _coerce."""
+    with `: ` or `#`), a list is `[a, b]` or `a,b`, numbers and booleans are read by `coerce`."""
     section, _, key = dotted.partition(".")
     kind = _field_types(SECTIONS[section]).get(key) if section in SECTIONS else None
     if typing.get_origin(kind) is list and text.strip().startswith("["):
-        try:  # every item as text (YAML 1.1 would read [on, yes, 007] as [True, True, 7]); _coerce types them
+        try:  # every item as text (YAML 1.1 would read [on, yes, 007] as [True, True, 7]); `coerce` types them
             return yaml.load(text, Loader=yaml.BaseLoader)
         except yaml.YAMLError:
             raise ConfigError(f"{dotted} must be a list like [a.json, b.json], got {text!r}") from None
