@@ -206,3 +206,20 @@ def test_bad_data_settings():
         load_config(None, ["data.answer_format=latex"])
     with pytest.raises(ConfigError, match=r"data.filter_key and data.filter_values go together"):
         load_config(None, ["data.filter_key=type"])
+
+
+def test_fitting_prompts_drops_long_prompts_with_a_count(tokenizer, capsys):
+    """One length rule for training and validation prompts: at most `limit` tokens of the prompt (the chat
+    template's text, no special tokens added), counted by the tokenizer; none left names the files."""
+    from thinkless.train.data import Example, fitting_prompts
+
+    examples = [Example(prompt="one two " * k, answer="1", source=f"f:{k}") for k in (1, 5, 20)]
+    lengths = [len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"]) for e in examples]
+    limit = lengths[1]  # exactly the limit is kept
+    kept = fitting_prompts(examples, tokenizer, limit, "data.train_files ['x.jsonl']")
+    assert kept == examples[:2]
+    assert "data.train_files ['x.jsonl']: dropped 1 of 3 prompts longer than" in capsys.readouterr().out
+    assert fitting_prompts(examples, tokenizer, lengths[2], "all") == examples
+    assert min(lengths) > 1
+    with pytest.raises(DataError, match=rf"x.jsonl'\]: no prompt fits data.max_prompt_tokens={min(lengths) - 1}$"):
+        fitting_prompts(examples, tokenizer, min(lengths) - 1, "data.train_files ['x.jsonl']")

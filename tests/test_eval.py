@@ -252,8 +252,9 @@ def test_validation_prompts_that_do_not_fit_are_dropped(base, tmp_path, capsys):
     config = _config(base, tmp_path, *_val_files(tmp_path), "data.max_prompt_tokens=130")
     kept = validation_examples(config, tokenizer)[str(tmp_path / "val.jsonl")]
     lengths = [len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"]) for e in kept]
-    assert 0 < len(kept) < 6 and max(lengths) <= 130 and "validation: dropped" in capsys.readouterr().out
-    with pytest.raises(DataError, match=r"val.jsonl: no validation prompt fits data.max_prompt_tokens=5"):
+    assert 0 < len(kept) < 6 and max(lengths) <= 130
+    assert f"validation file {tmp_path / 'val.jsonl'}: dropped {6 - len(kept)} of 6 prompts" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"val.jsonl: no prompt fits data.max_prompt_tokens=5"):
         validation_examples(_config(base, tmp_path, *_val_files(tmp_path), "data.max_prompt_tokens=5"), tokenizer)
 
 

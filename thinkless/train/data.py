@@ -325,6 +325,18 @@ def load_problems(files: list[str], tokenizer, config: Config, what: str = "data
     ]
 
 
+def fitting_prompts(examples: list[Example], tokenizer, limit: int, what: str) -> list[Example]:
+    """The examples whose prompt is at most `limit` tokens (`data.max_prompt_tokens`); the others are dropped, with a
+    count in the log. `what` names the examples' files in the messages; none left is a DataError."""
+    kept = [e for e in examples if len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
+    if len(kept) < len(examples):
+        print(f"thinkless: {what}: dropped {len(examples) - len(kept)} of {len(examples)} prompts longer than {limit} "
+              "tokens")  # fmt: skip
+    if not kept:
+        raise DataError(f"{what}: no prompt fits data.max_prompt_tokens={limit}")
+    return kept
+
+
 def sft_example_of_row(row: dict, where: str, source: str, tokenizer, data) -> Example:
     """One SFT row as an Example, or a DataError that says `where` and what is wrong."""
     if row.get(data.messages_key) is not None:

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 
 from thinkless.modes import HEADLINE, MODES, mode_statistics
 from thinkless.train.checkpoint import rng_state, set_rng_state
-from thinkless.train.data import DataError, load_problems
+from thinkless.train.data import fitting_prompts, load_problems
 from thinkless.train.dist import Dist
 from thinkless.train.files import write_text
 from thinkless.train.model import load_tokenizer
@@ -298,12 +298,7 @@ def validation_examples(config: Config, tokenizer) -> dict[str, list]:
     limit, out = config.data.max_prompt_tokens, {}
     for file in config.trainer.val_files:
         examples = load_problems([file], tokenizer, config, what="trainer.val_files")
-        kept = [e for e in examples if len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
-        if len(kept) < len(examples):
-            print(f"thinkless: validation: dropped {len(examples) - len(kept)} of {len(examples)} prompts of {file} "
-                  f"longer than {limit} tokens")  # fmt: skip
-        if not kept:
-            raise DataError(f"{file}: no validation prompt fits data.max_prompt_tokens={limit}")
+        kept = fitting_prompts(examples, tokenizer, limit, f"validation file {file}")
         out[file] = kept
     return out
 

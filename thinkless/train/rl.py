@@ -28,7 +28,7 @@ from tqdm import tqdm
 from thinkless.kernels import group_advantages
 from thinkless.modes import HEADLINE, legacy_names, mode_statistics
 from thinkless.train.config import AlgoConfig, Config, ConfigError
-from thinkless.train.data import DataError, load_problems
+from thinkless.train.data import fitting_prompts, load_problems
 from thinkless.train.dist import Dist, shard_model
 from thinkless.train.eval import validate, validation_examples
 from thinkless.train.logprobs import all_logprobs, importance_correction, logp_diff, logp_diff_metric
@@ -226,7 +226,8 @@ def _inputs(config: Config) -> tuple[list, dict, str | None]:
     """The training examples, the validation ones, and the reference model's path (None without the KL term),
     all checked before any model is loaded."""
     tokenizer = load_tokenizer(resolve_model_path(config.model.path))
-    examples = fitting_prompts(load_problems(config.data.train_files, tokenizer, config), tokenizer, config)
+    files, limit = config.data.train_files, config.data.max_prompt_tokens
+    examples = fitting_prompts(load_problems(files, tokenizer, config), tokenizer, limit, f"data.train_files {files}")
     val_examples = validation_examples(config, tokenizer) if config.trainer.val_every else {}
     if config.algo.kl_coef <= 0:  # the frozen reference is loaded only when the KL term is on
         return examples, val_examples, None
@@ -237,17 +238,6 @@ def _inputs(config: Config) -> tuple[list, dict, str | None]:
         raise ModelError(f"model.ref_path={ref_path!r} has another vocabulary ({len(ref_vocab)} tokens) than "
                          f"model.path ({len(tokenizer)}): the reference must share its tokens")  # fmt: skip
     return examples, val_examples, ref_path
-
-
-def fitting_prompts(examples: list, tokenizer, config: Config) -> list:
-    """The examples whose prompt fits `data.max_prompt_tokens`; the others are dropped, with a count."""
-    limit = config.data.max_prompt_tokens
-    kept = [e for e in examples if len(tokenizer(e.prompt, add_special_tokens=False)["input_ids"]) <= limit]
-    if len(kept) < len(examples):
-        print(f"thinkless: dropped {len(examples) - len(kept)} of {len(examples)} prompts longer than {limit} tokens")
-    if not kept:
-        raise DataError(f"no training prompt fits data.max_prompt_tokens={limit} (files: {config.data.train_files})")
-    return kept
 
 
 @contextlib.contextmanager
