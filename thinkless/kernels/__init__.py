@@ -5,12 +5,39 @@ to the compiled extension when it is built and to the torch reference otherwise.
 `backend=` argument forces one. `reference` holds the readable PyTorch ground truth.
 """
 
-from thinkless.kernels import reference
-from thinkless.kernels._backend import BACKENDS, select_backend
-from thinkless.kernels.advantages import group_advantages
-from thinkless.kernels.degrpo_loss import degrpo_loss
-from thinkless.kernels.degrpo_weights import DeGRPOParams, Normalizers, sequence_token_weights
-from thinkless.kernels.fused_linear import fused_linear_cross_entropy, fused_linear_degrpo_loss, token_logprobs
+import importlib
+
+# Where each public name lives. Loaded on first use (PEP 562): the settings' schema reads `DeGRPOParams` from
+# `degrpo_weights` alone, and `thinkless-train --help` should not load Triton and every kernel for that.
+_HOMES = {
+    "reference": None,
+    "BACKENDS": "_backend",
+    "select_backend": "_backend",
+    "group_advantages": "advantages",
+    "degrpo_loss": "degrpo_loss",
+    "DeGRPOParams": "degrpo_weights",
+    "Normalizers": "degrpo_weights",
+    "sequence_token_weights": "degrpo_weights",
+    "fused_linear_cross_entropy": "fused_linear",
+    "fused_linear_degrpo_loss": "fused_linear",
+    "token_logprobs": "fused_linear",
+}
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    home = _HOMES[name]
+    value = importlib.import_module(f"{__name__}.{home or name}")
+    if home is not None:
+        value = getattr(value, name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_HOMES))
+
 
 __all__ = [
     "BACKENDS",
