@@ -93,6 +93,8 @@ def test_text_settings_stay_text():
         ("algo.is_cap=0", r"algo.is_cap must be > 0"),
         ("rollout.engine=vllm rollout.temperature=0.005", r"must be in \[0.01, 2\] with rollout.engine=vllm"),
         ("rollout.vllm_gpu_memory_utilization=0", r"rollout.vllm_gpu_memory_utilization must be in \(0, 1\]"),
+        ("rollout.cuda_graphs=true", r"rollout.cuda_graphs needs rollout.engine=hf and rollout.compile=true"),
+        ("rollout.cuda_graphs=true rollout.compile=true rollout.engine=vllm", r"rollout.cuda_graphs needs"),
         ("trainer.val_files=[aime.json]", r"trainer.val_files needs trainer.val_every"),
         ("trainer.val_every=10", r"trainer.val_every needs trainer.val_files"),
         ("algo.loss_agg=sum", r"algo.loss_agg must be one of token_mean, seq_mean_token_mean"),

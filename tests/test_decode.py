@@ -64,17 +64,19 @@ def _rollout(**kw):
     return SimpleNamespace(**{"n": 3, "temperature": 0.7, "top_p": 1.0, "max_new_tokens": 20, "compile": False, **kw})
 
 
-def _both(model, tokenizer, settings, compile, seed=0):
+def _both(model, tokenizer, settings, compile, seed=0, fast_settings=None):
+    """generate's rollout and the static-cache path's (compiled or not; `fast_settings`: its extra settings)."""
+    fast_settings = {**settings, **(fast_settings or {}), "compile": True}
     torch.manual_seed(seed)
     plain = generate(model, tokenizer, PROMPTS, _rollout(**settings))
     torch.manual_seed(seed)
-    fast = generate(model, tokenizer, PROMPTS, _rollout(**settings, compile=True)) if compile else None
+    fast = generate(model, tokenizer, PROMPTS, _rollout(**fast_settings)) if compile else None
     if not compile:  # the static-cache path without torch.compile
         original = decode.sample
         decode.sample = lambda *a, **k: original(*a, **{**k, "compile": False})
         try:
             torch.manual_seed(seed)
-            fast = generate(model, tokenizer, PROMPTS, _rollout(**settings, compile=True))
+            fast = generate(model, tokenizer, PROMPTS, _rollout(**fast_settings))
         finally:
             decode.sample = original
     return plain, fast
@@ -103,15 +105,87 @@ def test_same_tokens_and_logprobs_as_generate(models, kind, compile, monkeypatch
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_decodes_like_generate(models):
-    """On CUDA the compiled step draws with torch.multinomial (no switch needed): the tokens are generate's."""
+    """On CUDA the compiled step draws with torch.multinomial's numbers (no switch needed): the tokens are
+    generate's, with the step replayed as a CUDA graph too (`rollout.cuda_graphs`); the graph runs the compiled
+    step's own kernels, so its log-probs are the compiled step's bit for bit."""
     tokenizer, all_models = models
     model = all_models["qwen2"].cuda()
     try:
         for settings in ({}, {"top_p": 0.8, "max_new_tokens": 33}):  # a second shape: compiled again
             plain, fast = _both(model, tokenizer, settings, compile=True)
             _assert_same(plain, fast)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message="rollout.cuda_graphs")  # a failed capture fails here
+                _, graphed = _both(model, tokenizer, settings, compile=True, fast_settings={"cuda_graphs": True})
+            _assert_same(plain, graphed)
+            assert torch.equal(graphed.rollout_logp, fast.rollout_logp)
     finally:
         model.cpu()
+
+
+def test_multinomial_is_torch_multinomial():
+    """`decode.multinomial` (one sample, capturable) draws torch.multinomial's tokens from the same random numbers
+    and leaves the generator where torch.multinomial leaves it, also with zero-probability entries (top_p)."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device, (rows, vocab) in ((d, shape) for d in devices for shape in ((1, 7), (9, 1000), (64, 50000))):
+        gen = torch.Generator(device).manual_seed(rows)
+        probs = torch.rand(rows, vocab, device=device, generator=gen).pow(8)
+        probs[:, ::3] = 0.0
+        probs = probs / probs.sum(-1, keepdim=True)
+        torch.manual_seed(11)
+        expected, state = torch.multinomial(probs, 1).squeeze(1), _rng_state(device)
+        torch.manual_seed(11)
+        assert torch.equal(decode.multinomial(probs), expected) and torch.equal(_rng_state(device), state)
+        assert probs.gather(1, expected[:, None]).gt(0).all()
+
+
+def _rng_state(device: str) -> torch.Tensor:
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+class _Replayer:
+    """The CPU stand-in for a recorded CUDA graph: replaying reruns the recorded step on the same tensors."""
+
+    def __init__(self, step):
+        self.step, self.replays, self.released = step, 0, False
+
+    def replay(self):
+        self.replays += 1
+        self.step()
+
+    def reset(self):
+        self.released = True
+
+
+@pytest.mark.parametrize("capture", ["recorded", "failed"])
+def test_replayed_steps_decode_as_stepping(models, monkeypatch, capture):
+    """`rollout.cuda_graphs`' loop, on CPU with a stand-in for the graph: the first step runs (the warm-up) while
+    the next is recorded (not run), then the recording is replayed once a token until every row has stopped, and
+    released at the end. Tokens, log-probs and where the batch stops are stepping's; a failed capture goes on
+    stepping. (That a real graph replays a step faithfully, the CUDA test checks.)"""
+    monkeypatch.setattr(decode, "EXACT_MULTINOMIAL", True)
+    monkeypatch.setattr(decode, "GRAPH_DEVICES", ("cpu",))
+    recorded = []
+
+    def warm_and_capture(step):
+        step()  # the warm-up step runs; recording the next one runs nothing
+        recorded.append(_Replayer(step) if capture == "recorded" else None)
+        return recorded[-1]
+
+    monkeypatch.setattr(decode, "warm_and_capture", warm_and_capture)
+    tokenizer, all_models = models
+    model = all_models["qwen2"]
+    settings = {"max_new_tokens": 30}
+    torch.manual_seed(3)
+    probe = generate(model, tokenizer, PROMPTS, _rollout(**settings))
+    stops = sorted(set(probe.input_ids[:, probe.prompt_width + 9].tolist()) - {tokenizer.eos_token_id})
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, *stops])
+    plain, fast = _both(model, tokenizer, settings, compile=False, seed=3, fast_settings={"cuda_graphs": True})
+    _assert_same(plain, fast)
+    width = fast.input_ids.shape[1] - fast.prompt_width
+    assert width == int(plain.lengths.max()) <= 10  # every row stopped by its tenth token
+    if capture == "recorded":  # one drawn by the prefill's logits, one by the warm-up step, the rest by replays
+        assert len(recorded) == 1 and recorded[0].replays == width - 2 and recorded[0].released
 
 
 def test_sliding_windows_in_reach_fall_back(models):

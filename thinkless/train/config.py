@@ -106,6 +106,10 @@ class RolloutConfig:
     compile: bool = _key(
         False, "hf engine: static KV cache and a torch.compile'd decode step (Llama-family models; else generate)"
     )
+    cuda_graphs: bool = _key(
+        False,
+        "hf engine with rollout.compile, on CUDA: replay each decode step as a CUDA graph (one capture a rollout)",
+    )
     vllm_gpu_memory_utilization: float = _key(
         0.3, "vllm: share of the GPU's memory for its weights and KV cache", unit=True
     )
@@ -351,6 +355,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"algo.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]; got {a.betas!r}")
     if r.engine == "vllm" and not 0.01 <= r.temperature <= 2.0:  # vLLM raises lower ones to 0.01, refuses > 2
         raise ConfigError(f"rollout.temperature must be in [0.01, 2] with rollout.engine=vllm, got {r.temperature!r}")
+    if r.cuda_graphs and not (r.compile and r.engine == "hf"):  # it would be silently ignored
+        raise ConfigError("rollout.cuda_graphs needs rollout.engine=hf and rollout.compile=true (the graphs replay "
+                          "the static-cache decode step)")  # fmt: skip
     if bool(config.data.filter_key) != bool(config.data.filter_values):
         raise ConfigError(
             "data.filter_key and data.filter_values go together, e.g. data.filter_key=type data.filter_values=[Algebra]"

@@ -5,8 +5,11 @@ stopping criteria, cache bookkeeping and masks rebuilt per token. Here the promp
 forward once (the prefill: so the first token, the mode, sees `generate`'s logits), their keys and values are
 copied into a preallocated cache [S, kv heads, C, head dim] per layer, and every further token is one call of
 `sample_step`: the model's own norms, projections and MLPs around an attention over the whole static cache under a
-mask, then the draw. With every shape fixed, `torch.compile` (inductor) turns the step into one graph. CUDA graphs
-are not used yet: their buffers would have to outlive each rollout (the GPU issue measures that trade).
+mask, then the draw. With every shape fixed, `torch.compile` (inductor) turns the step into one graph. A step reads
+and writes one set of tensors allocated per rollout (`_Decoding`, the cache), in place, so with `rollout.cuda_graphs`
+on CUDA the second step is recorded as a CUDA graph and replayed for every further token: one launch per token
+instead of one per kernel, the host reading only whether a row is still unfinished. The graph and its memory go with
+the rollout (nothing is held while the policy trains); the price is one capture per rollout.
 
 The sampling is `thinkless.train.rollout.generate`'s, op for op: scores = logits / temperature, top_p by the rule
 of transformers' TopPLogitsWarper, a draw from their softmax, a stop token ends its row (kept) and pads follow, and
@@ -25,6 +28,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -182,8 +186,45 @@ def sample(
     n, R = rollout.n, rollout.max_new_tokens
     B, P = input_ids.shape
     S, device = B * n, input_ids.device
-    # The prefill, once per prompt (generate runs it on every copy); positions count the real tokens from 0 (left
-    # pads get one too, never attended).
+    C = cache_width(P, R)
+    logits, keys, values, position = prefill(model, input_ids, attention_mask, n, C)
+    prompt_mask = attention_mask.repeat_interleave(n, dim=0)
+    rotary = _rotary_table(model, C, keys[0].dtype, device)
+    # A row attends to its real prompt tokens and to every generated column (generate's mask grows by a one per
+    # token, EOS or not); decode_step cuts the columns after the current one.
+    mask = torch.cat((prompt_mask.bool(), torch.ones(S, C - P, dtype=torch.bool, device=device)), dim=1)
+    race = not EXACT_MULTINOMIAL and device.type == "cpu"  # the draw inside the compiled step
+    warp = (float(rollout.temperature), float(rollout.top_p), race)
+    token, logp = draw(logits, *warp)
+    stop_ids = torch.tensor(stops, device=device)
+    s = _Decoding(
+        token=token, unfinished=~torch.isin(token, stop_ids),
+        step=torch.zeros((), dtype=torch.long, device=device), tokens=token.new_full((S, R), pad_id),
+        logps=logp.new_zeros(S, R), next_position=position[:, -1].repeat_interleave(n) + 1, prompt_width=P,
+    )  # fmt: skip
+    s.tokens[:, 0], s.logps[:, 0] = token, logp.gather(1, token[:, None]).squeeze(1)
+    step = functools.partial(advance, s, model, rotary, mask, keys, values, stop_ids, pad_id, warp, compile)
+    graphed = getattr(rollout, "cuda_graphs", False) and device.type in GRAPH_DEVICES
+    graph, taken = None, 0
+    while taken < R - 1 and bool(s.unfinished.any()):
+        if graph is not None:
+            graph.replay()
+        elif graphed and taken == 0:
+            graph = warm_and_capture(step)  # runs this step (warm-up), records the next: replayed from then on
+        else:
+            step()
+        taken += 1
+    if graph is not None:
+        graph.reset()  # its memory pool goes back to the allocator with the cache
+    return s.tokens[:, : taken + 1].contiguous(), s.logps[:, : taken + 1].contiguous()
+
+
+def prefill(model, input_ids, attention_mask, n: int, C: int):
+    """The prompts [B, P] through the model's own forward, once per prompt (generate runs it on every copy): the
+    next-token logits [B n, V] (float32) and the static cache, per layer keys and values [B n, Hkv, C, D] with the
+    prompts' in columns :P, each prompt's n samples adjacent; and the prompt tokens' positions [B, P]."""
+    S, P = input_ids.shape[0] * n, input_ids.shape[1]
+    # Positions count the real tokens from 0 (left pads get one too, never attended).
     position = attention_mask.long().cumsum(-1) - 1
     position = position.masked_fill(attention_mask == 0, 1)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position, use_cache=True,
@@ -191,7 +232,6 @@ def sample(
     logits = out.logits[:, -1].float().repeat_interleave(n, dim=0)
     cache = out.cache if "cache" in out else out.past_key_values  # transformers >= 5.2 names it cache
     out = None
-    C = cache_width(P, R)
     # A tensor per layer, [S, Hkv, C, D]: the step writes each in place (views of one tensor would be copied whole
     # by the compiled graph's input-mutation handling: measured 2x slower).
     keys, values = [], []
@@ -200,35 +240,61 @@ def sample(
             full = new.new_zeros(S, new.shape[1], C, new.shape[-1])
             full[:, :, :P] = new.repeat_interleave(n, dim=0)
             kept.append(full)
-    del cache
-    prompt_mask = attention_mask.repeat_interleave(n, dim=0)
-    position = position.repeat_interleave(n, dim=0)
-    rotary = _rotary_table(model, C, keys[0].dtype, device)
-    # A row attends to its real prompt tokens and to every generated column (generate's mask grows by a one per
-    # token, EOS or not); decode_step cuts the columns after the current one.
-    mask = torch.cat((prompt_mask.bool(), torch.ones(S, C - P, dtype=torch.bool, device=device)), dim=1)
-    positions = position[:, -1] + 1 + torch.arange(R, device=device)[:, None]  # [R, S]: of the token fed at step t
-    columns = torch.arange(P, P + R, device=device)
-    stop_ids = torch.tensor(stops, device=device)
-    unfinished = torch.ones(S, dtype=torch.bool, device=device)
-    race = not EXACT_MULTINOMIAL and device.type == "cpu"  # the draw inside the compiled step
-    warp = (float(rollout.temperature), float(rollout.top_p), race)
-    token, logp = draw(logits, *warp)
-    token = torch.where(unfinished, token, pad_id)
-    tokens, logps = [token], [logp.gather(1, token[:, None]).squeeze(1)]
-    unfinished = unfinished & ~torch.isin(token, stop_ids)
-    forward = functools.partial(_run, compile, device, decode_step)
-    for t in range(R - 1):
-        if not bool(unfinished.any()):
-            break
-        args = (model, token, positions[t], columns[t], rotary, mask, keys, values, unfinished, stop_ids, pad_id, *warp)
-        if race:
-            token, picked, unfinished = _run(compile, device, sample_step, *args)
-        else:  # multinomial stays out of the graph: the compiler would draw other random numbers
-            token, picked, unfinished = sample_step(*args, forward=forward)
-        tokens.append(token)
-        logps.append(picked)
-    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+    return logits, keys, values, position
+
+
+GRAPH_DEVICES = ("cuda",)  # where `rollout.cuda_graphs` records the step (elsewhere the flag does nothing)
+
+
+@dataclass
+class _Decoding:
+    """The state that the steps of one rollout read and write, in tensors allocated once: a step changes them in
+    place, so that one recorded CUDA graph of a step replays the next (its inputs never move) and the host only
+    reads `unfinished` to know when to stop."""
+
+    token: torch.Tensor  # [S] the last token drawn (fed to the next step)
+    unfinished: torch.Tensor  # [S] bool: no stop token drawn yet
+    step: torch.Tensor  # 0-d long: steps taken (tokens drawn - 1)
+    tokens: torch.Tensor  # [S, R] the drawn tokens (pad after a row's stop)
+    logps: torch.Tensor  # [S, R] their recorded log-probs
+    next_position: torch.Tensor  # [S] position of the first drawn token (each row's real prompt length)
+    prompt_width: int  # P: the first drawn token sits in cache column P
+
+
+def advance(s: _Decoding, model, rotary, mask, keys, values, stop_ids, pad_id: int, warp: tuple, compile: bool):
+    """One decode step of every row, in place on `s`: feeds `s.token` (cache column P + step), draws the next."""
+    column, positions = s.step + s.prompt_width, s.next_position + s.step
+    args = (model, s.token, positions, column, rotary, mask, keys, values, s.unfinished, stop_ids, pad_id, *warp)
+    if warp[2]:  # the race: drawn inside the compiled step
+        token, picked, unfinished = _run(compile, s.token.device, sample_step, *args)
+    else:  # torch.multinomial's random numbers stay out of the graph: the compiler would draw others
+        forward = functools.partial(_run, compile, s.token.device, decode_step)
+        token, picked, unfinished = sample_step(*args, forward=forward)
+    s.step.add_(1)
+    s.tokens.index_copy_(1, s.step.view(1), token[:, None])  # index_copy: no host read of the step count
+    s.logps.index_copy_(1, s.step.view(1), picked[:, None])
+    s.token.copy_(token)
+    s.unfinished.copy_(unfinished)
+
+
+def warm_and_capture(step):
+    """Runs `step` once on a side stream (compiling and warming it, as CUDA graph capture asks), then records the
+    next call of it as a CUDA graph without running it. None (and one warning) when the capture fails: the caller
+    then goes on stepping eagerly, the same math."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as err:
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        warn_once(f"rollout.cuda_graphs: capturing the decode step failed ({first}); decoding without CUDA graphs")
+        return None
+    return graph
 
 
 def _rotary_table(model, length: int, dtype, device):
@@ -252,7 +318,7 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float, race: bool = Fa
     if race:
         token = exponential_race(probs, fine_uniform(probs.shape, probs.device))
     else:
-        token = torch.multinomial(probs, num_samples=1).squeeze(1)  # generate's own draw: its random numbers
+        token = multinomial(probs)
     return token, torch.log_softmax(scores, dim=-1)
 
 
@@ -261,6 +327,14 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float, race: bool = Fa
 # On CPU the race takes E = -log(1 - U) from uniforms instead: the same distribution, other random numbers than
 # `generate`'s. True: torch.multinomial everywhere (the tests compare token for token with `generate` so).
 EXACT_MULTINOMIAL = False
+
+
+def multinomial(probs: torch.Tensor) -> torch.Tensor:
+    """`torch.multinomial(probs, 1)` written out as torch computes one sample (argmax p / E, E from `exponential_`
+    on the same generator): the same tokens from the same random numbers, leaving the generator where it leaves it
+    (a test holds them equal, so a torch that changes its algorithm fails there), but without its check of `probs`,
+    so that a CUDA graph can record it."""
+    return (probs / torch.empty_like(probs).exponential_(1)).argmax(dim=-1)
 
 
 def fine_uniform(shape, device) -> torch.Tensor:
