@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in one command: the CUDA tests, one RL step per trainer feature, the kernel
-# benchmarks at real shapes. Run from the repository root; results go to $OUT (default gpu_out/).
+# Everything a lent GPU is for, in one command: the CUDA tests, the HF rollout's engines (generate, compiled,
+# CUDA graphs) at three batch sizes, one RL step per trainer feature, the kernel benchmarks at real shapes. Run from
+# the repository root; results go to $OUT (default gpu_out/).
 #
-#   STAGES="tests rl" bash bench/gpu_session.sh            # first call: ~2 + ~3 min on an H200
-#   STAGES=bench bash bench/gpu_session.sh                  # second call: one pytest + JSON per kernel
-#   STAGES=bench BENCH_KERNELS=fused_linear_degrpo_loss BENCH_K="full" bash bench/gpu_session.sh
+#   STAGES="tests rollout" bash bench/gpu_session.sh       # first call: ~2 + ~4 min on an H200 (estimated)
+#   STAGES="rl bench" BENCH_KERNELS=fused_linear_degrpo_loss BENCH_K="full" bash bench/gpu_session.sh
+#   STAGES=bench bash bench/gpu_session.sh                  # one pytest + JSON per kernel
 #
-# One call runs at most 10 minutes: all three stages together (tests 111 s, rl 161 s, the whole CUDA suite more
-# than 200 s on 2026-11-26) do not fit one; split them as above.
+# One call runs at most 10 minutes: the stages together (tests 111 s, rl 161 s, the whole CUDA suite more than
+# 200 s on 2026-11-26; rollout not yet run) do not fit one; split them as above.
 #
 # The package is used from the source tree (PYTHONPATH), so nothing is built: the native extension is a CPU
 # backend. THINKLESS_DATA points the trainer's tests at the math problems when ../shared/data is not beside the
 # checkout. Each stage has a time limit (T_TESTS, T_RL, T_BENCH seconds) so that one hang cannot eat a short lease.
 set -u
 OUT=${OUT:-gpu_out}
-STAGES=${STAGES:-"tests rl bench"}
+STAGES=${STAGES:-"tests rollout rl bench"}
 BENCH_KERNELS=${BENCH_KERNELS:-"group_advantages degrpo_loss token_logprobs fused_linear_degrpo_loss"}
 BENCH_K=${BENCH_K:-}  # an extra -k filter inside each kernel, e.g. "full and N16384"
 mkdir -p "$OUT"
@@ -48,6 +49,15 @@ for stage in $STAGES; do
             > "$OUT/tests.log" 2>&1
         echo "== tests: exit $? in $(($(date +%s) - start)) s"
         grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30
+        ;;
+    rollout)
+        # Tokens/s of generate, rollout.compile and rollout.cuda_graphs at 64, 128, 256 samples x 256 tokens; the
+        # rows also say whether the three drew the same tokens (bench/rollout_gpu.py). Exit 1: they did not.
+        timeout "${T_ROLLOUT:-300}" $PY bench/rollout_gpu.py --out /tmp/rollout --budget-s "${ROLLOUT_BUDGET:-200}" \
+            ${ROLLOUT_ARGS:-} > /tmp/rollout.log 2>&1
+        echo "== rollout: exit $? in $(($(date +%s) - start)) s"
+        cp /tmp/rollout/rollout.json /tmp/rollout.log "$OUT/" 2>/dev/null
+        tail -14 /tmp/rollout.log
         ;;
     rl)
         # rl_step.json holds every row, failures with their last log lines; the full logs stay in /tmp/rl_step.

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model, data = args.out / "model", args.out / "prompts.json"
+    model, data = args.out / f"model-{args.size}", args.out / "prompts.json"  # a folder per shape
     if not (model / "config.json").exists():
         build_model(model, args.size)
     write_prompts(data, args.prompts)
