@@ -172,3 +172,25 @@ def test_dw_chunks_accumulate_in_fp32():
             accumulate(acc, a.t().contiguous().t(), b, first=i == 0)
     truth = sum(a.double() @ b.double() for a, b in chunks)
     assert cases.rel_err(acc.cpu(), truth.cpu()) < 1e-5
+
+
+def test_backward_allocates_only_the_bf16_gradients():
+    """On CUDA the incoming gradient is a device tensor, so backward always scales: the stored fp32 dW goes straight
+    into the bf16 gradient (one rounding), with no fp32 [V, H] copy on the way: backward's peak growth is the two
+    bf16 gradients. (Before: g * grad_loss in fp32, then the cast: + V x H x 6 bytes.)"""
+    V, Hd, N = 151936, 1024, 512
+    gen = torch.Generator().manual_seed(0)
+    h = (torch.randn(1, N, Hd, generator=gen)).to(CUDA, torch.bfloat16).requires_grad_(True)
+    w = (torch.randn(V, Hd, generator=gen) * 0.02).to(CUDA, torch.bfloat16).requires_grad_(True)
+    targets = torch.randint(0, V, (1, N), generator=gen).to(CUDA)
+    adv, mask = torch.ones(1, device=CUDA), torch.ones(1, N, dtype=torch.bool, device=CUDA)
+    with torch.no_grad():  # on-policy: ratio 1, nothing clipped
+        old = fused_linear_degrpo_loss(h, w, targets, torch.zeros(1, N, device=CUDA), adv, mask)[1]["logp"]
+    loss, _ = fused_linear_degrpo_loss(h, w, targets, old, adv, mask)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    loss.backward()
+    growth = torch.cuda.max_memory_allocated() - before
+    assert growth <= (V * Hd + N * Hd) * 2 + (8 << 20), growth / 2**20
+    assert w.grad.dtype == torch.bfloat16 and w.grad.float().abs().sum() > 0

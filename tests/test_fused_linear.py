@@ -253,6 +253,36 @@ def test_gradient_scales_and_flows_through_the_model(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params())
+def test_scaled_gradients_are_rounded_once_without_an_fp32_copy(backend, monkeypatch):
+    """A bf16 lm_head's gradient times an incoming gradient other than a CPU 1 (on CUDA every backward's: it is a
+    device tensor) is the stored fp32 dW times it, rounded once to bf16, and written slice by slice: no fp32
+    [V, H] temporary (2 GiB at H=3584, V=151936) is allocated in backward, only the bf16 gradients."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import thinkless.kernels.fused_linear as fl
+
+    V = 3000
+    hidden, weight, _, targets, old, adv, mask, _ = _inputs(2, 8, V, seed=9)
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):  # the same bf16 values; fp32 gives the unrounded dW
+        h, w = (x.to(torch.bfloat16).to(dtype).requires_grad_(True) for x in (hidden, weight))
+        loss, _ = fused_linear_degrpo_loss(h, w, targets, old, adv, mask, backend=backend)
+        if dtype == torch.bfloat16:
+            monkeypatch.setattr(fl, "SCALE_SLICE", 40 * H)  # several slices, the last one short
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                loss.backward(torch.tensor(0.7))
+        else:
+            loss.backward()
+        grads[dtype] = (h.grad, w.grad)
+    for fp32, bf16 in zip(grads[torch.float32], grads[torch.bfloat16], strict=True):
+        assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, (fp32 * torch.tensor(0.7)).to(torch.bfloat16))
+    # Every tensor is allocated by an empty* op (a temporary of mul's dtype cast too: aten::empty_like); the other
+    # events count their children's allocations again.
+    largest = max(e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::empty"))
+    assert largest == V * H * 2  # the bf16 dW; an fp32 copy would be V * H * 4
+
+
+@pytest.mark.parametrize("backend", backend_params())
 def test_chunk_size_does_not_change_the_result(backend):
     data = _inputs(2, 40, 300, seed=9)
     hidden, weight, _, targets, old, adv, mask, _ = data
