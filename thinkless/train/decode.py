@@ -114,7 +114,13 @@ def sample_step(model, tokens, positions, column, rotary, mask, keys, values, un
     logits = forward(model, tokens, positions, column, rotary, mask, keys, values)
     token, logp = draw(logits, temperature, top_p, race)
     token = torch.where(unfinished, token, pad_id)
-    return token, logp.gather(1, token[:, None]).squeeze(1), unfinished & ~torch.isin(token, stop_ids)
+    return token, logp.gather(1, token[:, None]).squeeze(1), unfinished & ~is_stop(token, stop_ids)
+
+
+def is_stop(token: torch.Tensor, stop_ids: torch.Tensor) -> torch.Tensor:
+    """torch.isin(token, stop_ids) as one comparison: isin sorts (and reads sizes on the host, which a CUDA graph
+    cannot record) once the stop list is long against the batch."""
+    return (token[:, None] == stop_ids).any(dim=-1)
 
 
 @functools.cache
@@ -198,7 +204,7 @@ def sample(
     token, logp = draw(logits, *warp)
     stop_ids = torch.tensor(stops, device=device)
     s = _Decoding(
-        token=token, unfinished=~torch.isin(token, stop_ids),
+        token=token, unfinished=~is_stop(token, stop_ids),
         step=torch.zeros((), dtype=torch.long, device=device), tokens=token.new_full((S, R), pad_id),
         logps=logp.new_zeros(S, R), next_position=position[:, -1].repeat_interleave(n) + 1, prompt_width=P,
     )  # fmt: skip
