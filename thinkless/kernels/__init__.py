@@ -6,6 +6,8 @@ to the compiled extension when it is built and to the torch reference otherwise.
 """
 
 import importlib
+import sys
+import types
 
 # Where each public name lives. Loaded on first use (PEP 562): the settings' schema reads `DeGRPOParams` from
 # `degrpo_weights` alone, and `thinkless-train --help` should not load Triton and every kernel for that.
@@ -33,6 +35,19 @@ def __getattr__(name: str):
         value = getattr(value, name)
     globals()[name] = value  # looked up once
     return value
+
+
+class _Package(types.ModuleType):
+    """`degrpo_loss` names a submodule and the function it defines. Importing the submodule binds the module on
+    the package (the import system's setattr), which would hide the function from then on: bind the function."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _HOMES.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __dir__():
