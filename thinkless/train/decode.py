@@ -8,8 +8,8 @@ copied into a preallocated cache [S, kv heads, C, head dim] per layer, and every
 mask, then the draw. With every shape fixed, `torch.compile` (inductor) turns the step into one graph. A step reads
 and writes one set of tensors allocated per rollout (`_Decoding`, the cache), in place, so with `rollout.cuda_graphs`
 on CUDA the second step is recorded as a CUDA graph and replayed for every further token: one launch per token
-instead of one per kernel, the host reading only whether a row is still unfinished. The graph and its memory go with
-the rollout (nothing is held while the policy trains); the price is one capture per rollout.
+instead of one per kernel, the host reading only whether a row is still unfinished. The graph goes with the rollout
+(its memory pool back to torch's allocator, as the cache's); the price is one capture per rollout.
 
 The sampling is `thinkless.train.rollout.generate`'s, op for op: scores = logits / temperature, top_p by the rule
 of transformers' TopPLogitsWarper, a draw from their softmax, a stop token ends its row (kept) and pads follow, and
@@ -156,6 +156,8 @@ def _run(compile: bool, device: torch.device, fn, *args):
         _EAGER.add(shape)
         warn_once(f"rollout.compile: more than {RECOMPILE_LIMIT} shapes; the new ones decode without compiling")
     except Exception as err:  # no C++ compiler, an inductor or dynamo error: the eager step is the same math
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise  # the CUDA graph capture failed, not the compiler: warm_and_capture falls back
         _FAILED.add(device.type)
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         warnings.warn(f"rollout.compile: torch.compile failed ({first}); decoding without it", stacklevel=3)
@@ -216,13 +218,18 @@ def sample(
         if graph is not None:
             graph.replay()
         elif graphed and taken == 0:
-            graph = warm_and_capture(step)  # runs this step (warm-up), records the next: replayed from then on
+            graph = warm_and_capture(step, device)  # runs this step (warm-up), records the next: replayed after
         else:
             step()
         taken += 1
     if graph is not None:
-        graph.reset()  # its memory pool goes back to the allocator with the cache
-    return s.tokens[:, : taken + 1].contiguous(), s.logps[:, : taken + 1].contiguous()
+        graph.reset()  # its private memory pool goes back to torch's caching allocator
+    logps = s.logps[:, : taken + 1]
+    # What torch.multinomial's own check (a sync per token) refused: non-finite logits give NaN probabilities, and
+    # NaN log-probs. (A pad after a row's stop may record -inf: top_p can cut the pad token.)
+    if bool(torch.isnan(logps).any()):
+        raise RuntimeError("rollout: the sampling distribution holds inf or nan (the model's logits are not finite)")
+    return s.tokens[:, : taken + 1].contiguous(), logps.contiguous()
 
 
 def prefill(model, input_ids, attention_mask, n: int, C: int):
@@ -283,24 +290,47 @@ def advance(s: _Decoding, model, rotary, mask, keys, values, stop_ids, pad_id: i
     s.unfinished.copy_(unfinished)
 
 
-def warm_and_capture(step):
-    """Runs `step` once on a side stream (compiling and warming it, as CUDA graph capture asks), then records the
-    next call of it as a CUDA graph without running it. None (and one warning) when the capture fails: the caller
-    then goes on stepping eagerly, the same math."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            step()
-    except Exception as err:
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        warn_once(f"rollout.cuda_graphs: capturing the decode step failed ({first}); decoding without CUDA graphs")
+CAPTURES = {"recorded": 0, "failed": 0}  # counts of warm_and_capture's outcomes (the tests and bench read them)
+_CAPTURE_FAILED: set[int] = set()  # devices where a capture failed: later rollouts step without trying again
+
+
+def warm_and_capture(step, device: torch.device):
+    """Runs `step` once on a side stream of `device` (compiling and warming it, as CUDA graph capture asks), then
+    records the next call of it as a CUDA graph without running it. None (and one warning) when the capture fails:
+    the caller then goes on stepping eagerly, the same math, and so do later rollouts on that device.
+
+    The capture error mode is thread-local: another thread's CUDA call (NCCL's watchdog under torchrun) would
+    otherwise invalidate the capture."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _CAPTURE_FAILED:
         return None
+    with torch.cuda.device(index):  # streams and the capture on the model's device, whichever is current
+        side, before = _side_stream(index), torch.cuda.current_stream()
+        side.wait_stream(before)
+        with torch.cuda.stream(side):
+            step()
+        before.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                step()
+        except Exception as err:
+            torch.cuda.set_stream(before)  # a failed capture_end leaves the capture stream current
+            _CAPTURE_FAILED.add(index)
+            CAPTURES["failed"] += 1
+            cause = err.__context__ or err  # capture_end's own error hides the op that broke the capture
+            first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
+            warn_once(f"rollout.cuda_graphs: capturing the decode step failed ({first}); decoding without CUDA graphs")
+            return None
+    CAPTURES["recorded"] += 1
     return graph
+
+
+@functools.cache
+def _side_stream(index: int):
+    """One side stream per device for the warm-up and the capture (a new one per rollout would cycle through
+    torch's stream pool, each with its own cuBLAS workspace)."""
+    return torch.cuda.Stream(device=index)
 
 
 def _rotary_table(model, length: int, dtype, device):
