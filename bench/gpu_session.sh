@@ -44,9 +44,10 @@ for stage in $STAGES; do
     tests)
         # test_distributed needs two ranks (gloo on CPU; one GPU cannot hold two NCCL ranks); test_compile and
         # test_native are CPU-side checks the CI machine already runs.
-        timeout "${T_TESTS:-150}" $PY -m pytest tests -q -n "${XDIST:-8}" -p no:cacheprovider \
+        # TESTS (files) and TESTS_K (a -k filter) narrow it, e.g. TESTS="tests/test_cuda.py tests/test_decode.py".
+        timeout "${T_TESTS:-150}" $PY -m pytest ${TESTS:-tests} -q -n "${XDIST:-8}" -p no:cacheprovider \
             --ignore=tests/test_distributed.py --ignore=tests/test_compile.py --ignore=tests/test_native.py \
-            > "$OUT/tests.log" 2>&1
+            ${TESTS_K:+-k "$TESTS_K"} > "$OUT/tests.log" 2>&1
         echo "== tests: exit $? in $(($(date +%s) - start)) s"
         grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -30
         ;;
