@@ -75,7 +75,7 @@ def _variants() -> list[Variant]:
     row_strides = ["stride_logp", "stride_old", "stride_adv_b", "stride_adv_t", "stride_resp", "stride_ref"]
     strides = {name: "i32" for name in [*row_strides, "stride_ctrl"]}
     strides["stride_tw"] = "i32"
-    options = {"clip_low": "fp32", "clip_high": "fp32", "kl_clamp_hi": "fp32", "kl_clamp_lo": "fp32"}
+    options = {name: "fp32" for name in ("lower_hi", "lower_lo", "upper_hi", "upper_lo", "kl_clamp_hi", "kl_clamp_lo")}
     for dtype in ("fp32", "bf16", "fp64"):
         compute = tl.float64 if dtype == "fp64" else tl.float32
         # kl_type 0: no reference log-probs

@@ -58,8 +58,10 @@ def _token_terms(
     stride_adv_t,
     stride_resp,
     stride_ctrl,
-    clip_low,
-    clip_high,
+    lower_hi,
+    lower_lo,
+    upper_hi,
+    upper_lo,
     HAS_CONTROL_MASK: tl.constexpr,
     COMPUTE: tl.constexpr,
 ):
@@ -79,8 +81,11 @@ def _token_terms(
     adv = tl.load(adv_ptr + row * stride_adv_b + t * stride_adv_t, mask=in_row, other=0.0).to(COMPUTE)
     ratio = tl.exp(logp - old)
     unclipped = -adv * ratio
-    ratio_clipped = tl.maximum(ratio, 1.0 - clip_low, propagate_nan=tl.PropagateNan.ALL)
-    ratio_clipped = tl.minimum(ratio_clipped, 1.0 + clip_high, propagate_nan=tl.PropagateNan.ALL)
+    # The clip range [1 - clip_low, 1 + clip_high] arrives as fp32 halves (`split_scalar`): fp32(0.2) alone would
+    # clip a float64 pass at 0.79999999702.
+    one = tl.full((), 1.0, COMPUTE)
+    ratio_clipped = tl.maximum(ratio, lower_hi * one + lower_lo * one, propagate_nan=tl.PropagateNan.ALL)
+    ratio_clipped = tl.minimum(ratio_clipped, upper_hi * one + upper_lo * one, propagate_nan=tl.PropagateNan.ALL)
     clipped = -adv * ratio_clipped
     return resp, ctrl, logp, adv, ratio, unclipped, clipped
 
@@ -150,8 +155,10 @@ def _degrpo_fwd_kernel(
     stride_ctrl,
     stride_tw,
     # options
-    clip_low,
-    clip_high,
+    lower_hi,
+    lower_lo,
+    upper_hi,
+    upper_lo,
     kl_clamp_hi,
     kl_clamp_lo,
     # meta-parameters
@@ -168,7 +175,8 @@ def _degrpo_fwd_kernel(
     t = block * BLOCK + tl.arange(0, BLOCK)
     resp, ctrl, logp, adv, ratio, unclipped, clipped = _token_terms(
         row, t, T, logp_ptr, old_ptr, adv_ptr, resp_ptr, ctrl_ptr, first_ptr, stride_logp, stride_old,
-        stride_adv_b, stride_adv_t, stride_resp, stride_ctrl, clip_low, clip_high, HAS_CONTROL_MASK, COMPUTE,
+        stride_adv_b, stride_adv_t, stride_resp, stride_ctrl, lower_hi, lower_lo, upper_hi, upper_lo,
+        HAS_CONTROL_MASK, COMPUTE,
     )  # fmt: skip
     rest = resp & ~ctrl
     token_loss = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
@@ -224,8 +232,10 @@ def _degrpo_bwd_kernel(
     stride_ctrl,
     stride_tw,
     # options
-    clip_low,
-    clip_high,
+    lower_hi,
+    lower_lo,
+    upper_hi,
+    upper_lo,
     kl_clamp_hi,
     kl_clamp_lo,
     # meta-parameters
@@ -240,7 +250,8 @@ def _degrpo_bwd_kernel(
     t = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     resp, ctrl, logp, adv, ratio, unclipped, clipped = _token_terms(
         row, t, T, logp_ptr, old_ptr, adv_ptr, resp_ptr, ctrl_ptr, first_ptr, stride_logp, stride_old,
-        stride_adv_b, stride_adv_t, stride_resp, stride_ctrl, clip_low, clip_high, HAS_CONTROL_MASK, COMPUTE,
+        stride_adv_b, stride_adv_t, stride_resp, stride_ctrl, lower_hi, lower_lo, upper_hi, upper_lo,
+        HAS_CONTROL_MASK, COMPUTE,
     )  # fmt: skip
     # d max(-A*r, -A*clip(r)) / d logp: the unclipped branch carries -A*r (dr/dlogp = r); a strictly larger
     # clipped branch is constant in logp. Ties go to the unclipped side, as torch.maximum + clamp give in sum.
@@ -290,6 +301,11 @@ def _first_response_triton(resp: Tensor) -> Tensor:
     return first
 
 
+def _clip_range(p: DeGRPOParams) -> tuple[float, float, float, float]:
+    """1 - clip_low and 1 + clip_high, each as two fp32 halves (see `split_scalar`)."""
+    return (*split_scalar(1.0 - p.clip_low), *split_scalar(1.0 + p.clip_high))
+
+
 def _forward_triton(tokens, strides, first, tw, p: DeGRPOParams, flags: dict, has_ref: bool) -> Tensor:
     """Nine batch totals, float64 [NUM_STATS] (see NUM_STATS for the order)."""
     B, T = tokens[0].shape
@@ -300,7 +316,7 @@ def _forward_triton(tokens, strides, first, tw, p: DeGRPOParams, flags: dict, ha
             *tokens, first, tw, stats,
             T, n_blocks,
             *strides, tw.stride(0),
-            p.clip_low, p.clip_high, *split_scalar(p.kl_bound),
+            *_clip_range(p), *split_scalar(p.kl_bound),
             HAS_REF=has_ref,
             NUM_STATS=NUM_STATS,
             BLOCK=DEGRPO_LOSS.block,
@@ -321,7 +337,7 @@ def backward_triton(tokens, strides, first, tw, weights, p: DeGRPOParams, flags:
         dlogp, *tokens, first, tw, weights,
         T,
         dlogp.stride(0), *strides, tw.stride(0),
-        p.clip_low, p.clip_high, *split_scalar(p.kl_bound),
+        *_clip_range(p), *split_scalar(p.kl_bound),
         HAS_KL=has_kl,
         BLOCK=DEGRPO_LOSS.block,
         num_warps=DEGRPO_LOSS.num_warps,
