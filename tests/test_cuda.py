@@ -65,9 +65,16 @@ def test_fused_loss_bf16_no_worse_than_torch_bf16(V):
     assert [g.dtype for g in grads_] == [torch.bfloat16] * 3
     slack = 1.05  # both round the same bf16 GEMM outputs; cuBLAS may pick another split of the sum
     assert cases.rel_err(loss.cpu(), truth_loss) <= slack * cases.rel_err(torch_loss.cpu(), truth_loss) + 1e-6
+    # dW: both paths round the logits (their GEMM's output) and the row gradient to bf16 before dW's GEMM. That
+    # rounding, not the sum over chunks, sets their error (3-6 %, against 0.15 % for the rounded truth and for our
+    # torch row work's fp32 GEMMs), and which of the two draws the larger error depends on the inputs: ours 0.57x
+    # torch's at V=5003, 1.29x at V=151936 (H200, 2026-11-30: bench/diagnose_bf16_dw.py). Held to that class of
+    # error, not to torch's draw of it.
+    slacks = {"hidden": slack, "weight": 1.5, "bias": slack}
     for name, grad, torch_grad, truth in zip(("hidden", "weight", "bias"), grads_, torch_grads, truth_grads,
                                              strict=True):  # fmt: skip
-        assert cases.rel_err(grad.cpu(), truth) <= slack * cases.rel_err(torch_grad.cpu(), truth) + 1e-6, name
+        bound = slacks[name] * cases.rel_err(torch_grad.cpu(), truth) + 1e-6
+        assert cases.rel_err(grad.cpu(), truth) <= bound, name
 
 
 def test_fused_loss_float64_is_exact_on_cuda():
