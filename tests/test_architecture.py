@@ -101,3 +101,22 @@ def test_the_rule_catches_arrows_up_the_layers(tmp_path):
         "thinkless/train/data.py", "thinkless/train/relative.py", "thinkless/train/subpackage.py",
     ], found  # fmt: skip
     assert "thinkless.kernels.bad (layer 0) imports thinkless.train (layer 1)" in " ".join(found)
+
+
+def test_kernels_exports_load_on_first_use_and_stay_functions():
+    """`thinkless.kernels` imports a name's module when the name is first asked for: the settings' schema loads
+    without Triton; a submodule imported first (`degrpo_loss`, named like its function) does not hide the function;
+    submodules stay reachable as attributes. Fresh interpreters: this one has imported everything already."""
+    import subprocess
+    import sys
+
+    checks = {
+        "import thinkless.train.config, sys; assert 'triton' not in sys.modules, 'the config loaded Triton'",
+        "import thinkless.kernels.degrpo_loss, thinkless.kernels as k; assert callable(k.degrpo_loss)",
+        "import thinkless.kernels.fused_linear; from thinkless.kernels import degrpo_loss as f; assert callable(f)",
+        "import thinkless.kernels as k; assert k.fused_linear.__name__ == 'thinkless.kernels.fused_linear'",
+        "from thinkless.kernels import *; assert callable(degrpo_loss) and callable(token_logprobs)",
+    }
+    for code in sorted(checks):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{code}\n{proc.stderr[-2000:]}"

@@ -92,10 +92,13 @@ def _scaled(g: Tensor, grad_loss: Tensor, dtype: torch.dtype) -> Tensor:
     if _is_one(grad_loss):
         return g.to(dtype)
     out = torch.empty(g.shape, dtype=dtype, device=g.device)
-    scale = grad_loss.to(g.dtype)
+    # The product in fp32 at least: a bf16 g (the Triton path's dH) times a bf16-rounded scale would be off by the
+    # scale's rounding (0.2 % for 1/3).
+    wide = torch.promote_types(g.dtype, torch.float32)
+    scale = grad_loss.to(wide)
     rows = max(1, SCALE_SLICE // max(1, g[0].numel())) if len(g) else 1
     for i in range(0, len(g), rows):
-        torch.mul(g[i : i + rows], scale, out=out[i : i + rows])
+        torch.mul(g[i : i + rows].to(wide), scale, out=out[i : i + rows])
     return out
 
 
