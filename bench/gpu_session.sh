@@ -3,12 +3,14 @@
 # CUDA graphs) at three batch sizes, one RL step per trainer feature, the kernel benchmarks at real shapes. Run from
 # the repository root; results go to $OUT (default gpu_out/).
 #
-#   STAGES="tests rollout" bash bench/gpu_session.sh       # first call: ~2 + ~4 min on an H200 (estimated)
+#   STAGES="tests rollout" bash bench/gpu_session.sh       # first call: ~2 + 3.5 min on an H200
+#   STAGES=rl T_RL=400 RL_ARGS="--variants base,compiled_rollout,cuda_graphs" bash bench/gpu_session.sh
+#                                                           # each compiled variant compiles in its fresh process
 #   STAGES="rl bench" BENCH_KERNELS=fused_linear_degrpo_loss BENCH_K="full" bash bench/gpu_session.sh
 #   STAGES=bench bash bench/gpu_session.sh                  # one pytest + JSON per kernel
 #
 # One call runs at most 10 minutes: the stages together (tests 111 s, rl 161 s, the whole CUDA suite more than
-# 200 s on 2026-11-26; rollout not yet run) do not fit one; split them as above.
+# 200 s on 2026-11-26; rollout 204 s on 2026-11-30) do not fit one; split them as above.
 #
 # The package is used from the source tree (PYTHONPATH), so nothing is built: the native extension is a CPU
 # backend. THINKLESS_DATA points the trainer's tests at the math problems when ../shared/data is not beside the
