@@ -4,7 +4,7 @@
 # the repository root; results go to $OUT (default gpu_out/).
 #
 #   STAGES="tests rollout" bash bench/gpu_session.sh       # first call: ~2 + 3.5 min on an H200
-#   STAGES=rl T_RL=400 RL_ARGS="--variants base,compiled_rollout,cuda_graphs" bash bench/gpu_session.sh
+#   STAGES=rl T_RL=400 RL_BUDGET=330 RL_ARGS="--variants base,compiled_rollout,cuda_graphs" bash bench/gpu_session.sh
 #                                                           # each compiled variant compiles in its fresh process
 #   STAGES="rl bench" BENCH_KERNELS=fused_linear_degrpo_loss BENCH_K="full" bash bench/gpu_session.sh
 #   STAGES=bench bash bench/gpu_session.sh                  # one pytest + JSON per kernel
@@ -55,7 +55,8 @@ for stage in $STAGES; do
         ;;
     rollout)
         # Tokens/s of generate, rollout.compile and rollout.cuda_graphs at 64, 128, 256 samples x 256 tokens; the
-        # rows also say whether the three drew the same tokens (bench/rollout_gpu.py). Exit 1: they did not.
+        # rows also say whether the graph drew the compiled step's tokens and log-probs and was captured
+        # (bench/rollout_gpu.py). Exit 1: it did not.
         timeout "${T_ROLLOUT:-300}" $PY bench/rollout_gpu.py --out /tmp/rollout --budget-s "${ROLLOUT_BUDGET:-200}" \
             ${ROLLOUT_ARGS:-} > /tmp/rollout.log 2>&1
         echo "== rollout: exit $? in $(($(date +%s) - start)) s"

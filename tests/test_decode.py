@@ -157,12 +157,14 @@ class _Replayer:
         self.released = True
 
 
-@pytest.mark.parametrize("capture", ["recorded", "failed"])
+@pytest.mark.parametrize("capture", ["recorded", "failed", "failed before"])
 def test_replayed_steps_decode_as_stepping(models, monkeypatch, capture):
     """`rollout.cuda_graphs`' loop, on CPU with a stand-in for the graph: the first step runs (the warm-up) while
     the next is recorded (not run), then the recording is replayed once a token until every row has stopped, and
     released at the end. Tokens, log-probs and where the batch stops are stepping's; a failed capture goes on
-    stepping. (That a real graph replays a step faithfully, the CUDA test checks.)"""
+    stepping, and so does a later rollout on a device where a capture failed before (the real warm_and_capture:
+    it runs the step it was given, uncaptured). (That a real graph replays a step faithfully, the CUDA test
+    checks.)"""
     monkeypatch.setattr(decode, "EXACT_MULTINOMIAL", True)
     monkeypatch.setattr(decode, "GRAPH_DEVICES", ("cpu",))
     recorded = []
@@ -172,7 +174,11 @@ def test_replayed_steps_decode_as_stepping(models, monkeypatch, capture):
         recorded.append(_Replayer(step) if capture == "recorded" else None)
         return recorded[-1]
 
-    monkeypatch.setattr(decode, "warm_and_capture", warm_and_capture)
+    if capture == "failed before":
+        monkeypatch.setattr(decode, "_CAPTURE_FAILED", {0})
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the device's index (the model is on CPU)
+    else:
+        monkeypatch.setattr(decode, "warm_and_capture", warm_and_capture)
     tokenizer, all_models = models
     model = all_models["qwen2"]
     settings = {"max_new_tokens": 30}

@@ -177,10 +177,15 @@ def compiled_scalars(monkeypatch):
     run = InterpretedFunction.run
     fp32 = lambda x: float(torch.tensor(x, dtype=torch.float32)) if type(x) is float else x  # noqa: E731
 
+    launches = []
+
     def rounded(self, *args, grid, warmup, **kwargs):  # kwargs: the constexpr switches
+        launches.extend(x for x in args if type(x) is float)
         return run(self, *map(fp32, args), grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(InterpretedFunction, "run", rounded)
+    yield
+    assert launches, "no Triton kernel took a Python float: the rounding did not apply"
 
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="the interpreter's scalars; test_cuda checks the compiled kernels")

@@ -26,7 +26,8 @@ except ImportError:  # pragma: no cover - exercised only on platforms without Tr
 def split_scalar(x: float) -> tuple[float, float]:
     """x as hi + lo, two floats exact in fp32. Triton passes a Python float to a compiled kernel as fp32, which
     would cost a float64 pass 8 digits (1/0.6 to 3e-8: a log-prob off by 2e-7 on an H200); hi + lo formed in fp64
-    inside the kernel carries x to 2^-48 (4e-15), and in fp32 it rounds back to fp32(x). inf stays (inf, 0)."""
+    inside the kernel carries x to 2^-48 (4e-15), and in fp32 it rounds back to fp32(x) (or, when x sits within
+    2^-48 of a midpoint, to its neighbour: one ulp, in practice never). inf stays (inf, 0)."""
     import math
 
     import torch

@@ -88,7 +88,7 @@ def _scaled(g: Tensor, grad_loss: Tensor, dtype: torch.dtype) -> Tensor:
     Written into the output slice by slice: `(g * grad_loss).to(dtype)` would first make a second fp32 dW, V x H x 4
     bytes (2 GiB at H=3584, V=151936: most of this loss's peak memory on CUDA, where grad_loss is a device tensor
     that the shortcut for 1 cannot read without a sync). CUDA's mul casts into `out` in the kernel; the CPU's
-    through a temporary of one slice."""
+    through a temporary of one slice, as does a bf16 `g` (dH) widened to fp32 on either."""
     if _is_one(grad_loss):
         return g.to(dtype)
     out = torch.empty(g.shape, dtype=dtype, device=g.device)

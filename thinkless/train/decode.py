@@ -212,7 +212,8 @@ def sample(
     )  # fmt: skip
     s.tokens[:, 0], s.logps[:, 0] = token, logp.gather(1, token[:, None]).squeeze(1)
     step = functools.partial(advance, s, model, rotary, mask, keys, values, stop_ids, pad_id, warp, compile)
-    graphed = getattr(rollout, "cuda_graphs", False) and device.type in GRAPH_DEVICES
+    # A graph pays off from two replays on (the capture synchronizes and empties the allocator's cache).
+    graphed = getattr(rollout, "cuda_graphs", False) and device.type in GRAPH_DEVICES and R > 3
     graph, taken = None, 0
     while taken < R - 1 and bool(s.unfinished.any()):
         if graph is not None:
@@ -302,7 +303,8 @@ def warm_and_capture(step, device: torch.device):
     The capture error mode is thread-local: another thread's CUDA call (NCCL's watchdog under torchrun) would
     otherwise invalidate the capture."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    if index in _CAPTURE_FAILED:
+    if index in _CAPTURE_FAILED:  # this step still runs (the caller counts it), eagerly
+        step()
         return None
     with torch.cuda.device(index):  # streams and the capture on the model's device, whichever is current
         side, before = _side_stream(index), torch.cuda.current_stream()
@@ -315,7 +317,9 @@ def warm_and_capture(step, device: torch.device):
             with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                 step()
         except Exception as err:
-            torch.cuda.set_stream(before)  # a failed capture_end leaves the capture stream current
+            # A failed capture_end leaves the capture stream current (and what the capture allocated may stay in
+            # its private pool: once per device, as no capture is tried there again).
+            torch.cuda.set_stream(before)
             _CAPTURE_FAILED.add(index)
             CAPTURES["failed"] += 1
             cause = err.__context__ or err  # capture_end's own error hides the op that broke the capture
