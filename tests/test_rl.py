@@ -168,11 +168,13 @@ def test_update_makes_one_step_per_mini_batch_and_epoch(monkeypatch):
 
 
 def test_the_clock_splits_the_step_into_phases(monkeypatch):
-    ticks = iter([10.0, 12.0, 12.5, 16.0])
+    """Phases split the step; a split (the generation, `sample_seconds`) is a first part of its phase."""
+    ticks = iter([10.0, 11.5, 12.0, 12.5, 16.0])
     monkeypatch.setattr(rl.time, "perf_counter", lambda: next(ticks))
     clock = rl._Clock(torch.device("cpu"))
+    clock.split("sample")
     for phase in ("rollout", "logprob", "update"):
         clock.lap(phase)
     m = clock.metrics(tokens=300)
-    assert m == {"tokens_per_s": 50.0, "step_seconds": 6.0, "rollout_seconds": 2.0, "logprob_seconds": 0.5,
-                 "update_seconds": 3.5}  # fmt: skip
+    assert m == {"tokens_per_s": 50.0, "step_seconds": 6.0, "sample_seconds": 1.5, "rollout_seconds": 2.0,
+                 "logprob_seconds": 0.5, "update_seconds": 3.5}  # fmt: skip

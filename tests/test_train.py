@@ -110,6 +110,7 @@ def test_sft_rl_crash_resume_eval(workdir, monkeypatch):
     for row in straight:  # the three phases split the step's time, each one a real stretch of it
         phases = [row["rollout_seconds"], row["logprob_seconds"], row["update_seconds"]]
         assert all(t > 0 for t in phases) and sum(phases) == pytest.approx(row["step_seconds"], rel=1e-9)
+        assert 0 < row["sample_seconds"] <= row["rollout_seconds"]  # the generation, inside the rollout phase
 
     # The same run, killed after logging step 3 (its last checkpoint is step 2) and with a half-written
     # checkpoint-4.tmp left behind, then started again with the same command.

@@ -80,6 +80,7 @@ def rl_step(run: Run, config: Config, step: int, examples: list, reference, engi
     # every rank holds the whole batch and the group advantages are exact.
     mine = d.shard(batch)
     ro, sampler = sample(run, config, [e.prompt for e in mine], engine)
+    clock.split("sample")  # the generation alone; the rollout phase also scores (math-verify) and filters
     ro, scores = score_samples(ro, mine, config, d, run.device)
     rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
     advantages = group_advantages(rewards, ro.prompt_index.cpu(), normalize_std=algo.normalize_std).to(run.device)
@@ -286,6 +287,10 @@ class _Clock:
     def lap(self, phase: str) -> None:
         now = self._now()
         self.laps[f"{phase}_seconds"], self.last = now - self.last, now
+
+    def split(self, part: str) -> None:
+        """The seconds of a first part of the running phase (`<part>_seconds`); the phase's lap still holds it."""
+        self.laps[f"{part}_seconds"] = self._now() - self.last
 
     def metrics(self, tokens: int) -> dict:
         """tokens/s and the step's seconds, then the phases' (rank 0's clock; the phases end in collectives, so
