@@ -211,7 +211,11 @@ def sample(
         logps=logp.new_zeros(S, R), next_position=position[:, -1].repeat_interleave(n) + 1, prompt_width=P,
     )  # fmt: skip
     s.tokens[:, 0], s.logps[:, 0] = token, logp.gather(1, token[:, None]).squeeze(1)
-    step = functools.partial(advance, s, model, rotary, mask, keys, values, stop_ids, pad_id, warp, compile)
+    if race:  # the race: drawn inside the compiled step
+        draw_next = functools.partial(_run, compile, device, sample_step)
+    else:  # torch.multinomial's random numbers stay out of the graph: the compiler would draw others
+        draw_next = functools.partial(sample_step, forward=functools.partial(_run, compile, device, decode_step))
+    step = functools.partial(advance, s, draw_next, model, rotary, mask, keys, values, stop_ids, pad_id, warp)
     # A graph pays off from two replays on (the capture synchronizes and empties the allocator's cache).
     graphed = getattr(rollout, "cuda_graphs", False) and device.type in GRAPH_DEVICES and R > 3
     graph, taken = None, 0
@@ -275,15 +279,12 @@ class _Decoding:
     prompt_width: int  # P: the first drawn token sits in cache column P
 
 
-def advance(s: _Decoding, model, rotary, mask, keys, values, stop_ids, pad_id: int, warp: tuple, compile: bool):
-    """One decode step of every row, in place on `s`: feeds `s.token` (cache column P + step), draws the next."""
+def advance(s: _Decoding, draw_next, model, rotary, mask, keys, values, stop_ids, pad_id: int, warp: tuple):
+    """One decode step of every row, in place on `s`: feeds `s.token` (cache column P + step) to `draw_next`
+    (`sample_step`, compiled or not) and keeps what it draws."""
     column, positions = s.step + s.prompt_width, s.next_position + s.step
     args = (model, s.token, positions, column, rotary, mask, keys, values, s.unfinished, stop_ids, pad_id, *warp)
-    if warp[2]:  # the race: drawn inside the compiled step
-        token, picked, unfinished = _run(compile, s.token.device, sample_step, *args)
-    else:  # torch.multinomial's random numbers stay out of the graph: the compiler would draw others
-        forward = functools.partial(_run, compile, s.token.device, decode_step)
-        token, picked, unfinished = sample_step(*args, forward=forward)
+    token, picked, unfinished = draw_next(*args)
     s.step.add_(1)
     s.tokens.index_copy_(1, s.step.view(1), token[:, None])  # index_copy: no host read of the step count
     s.logps.index_copy_(1, s.step.view(1), picked[:, None])
