@@ -159,9 +159,14 @@ def _run(compile: bool, device: torch.device, fn, *args):
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise  # the CUDA graph capture failed, not the compiler: warm_and_capture falls back
         _FAILED.add(device.type)
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        warnings.warn(f"rollout.compile: torch.compile failed ({first}); decoding without it", stacklevel=3)
+        warnings.warn(f"rollout.compile: torch.compile failed ({_first_line(err)}); decoding without it", stacklevel=3)
     return fn(*args)
+
+
+def _first_line(err: BaseException) -> str:
+    """An error's first line for a one-line warning (its type when it has no message)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 @functools.cache
@@ -323,9 +328,8 @@ def warm_and_capture(step, device: torch.device):
             torch.cuda.set_stream(before)
             _CAPTURE_FAILED.add(index)
             CAPTURES["failed"] += 1
-            cause = err.__context__ or err  # capture_end's own error hides the op that broke the capture
-            first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
-            warn_once(f"rollout.cuda_graphs: capturing the decode step failed ({first}); decoding without CUDA graphs")
+            cause = _first_line(err.__context__ or err)  # capture_end's own error hides the op that broke it
+            warn_once(f"rollout.cuda_graphs: capturing the decode step failed ({cause}); decoding without CUDA graphs")
             return None
     CAPTURES["recorded"] += 1
     return graph
